@@ -1,0 +1,5 @@
+import sys
+
+from skymodel.cli import main
+
+sys.exit(main())
