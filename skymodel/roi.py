@@ -69,7 +69,7 @@ class ROI(eqx.Module):
         normalisation region (default: same as `mask`); exposure: full-sky exposure map
         (cm^2 s), needed for exposure regions and exposure-weighted morphologies.
         """
-        if not isinstance(nside, (int, np.integer)) or not hp.isnsideok(int(nside)):
+        if not isinstance(nside, (int, np.integer)) or not hp.isnsideok(int(nside), nest=True):
             raise ValueError(f"nside must be a power of 2, got {nside!r}")
         nside = int(nside)
         npix = hp.nside2npix(nside)
