@@ -209,21 +209,27 @@ def _bulge_maps(dataset, names, where: str):
 
 
 def _gce_morphology(spec: Mapping, dataset, roi, where: str, *, exposure_weighted: bool):
+    """f_bulge x sum_i w_i bulge_i + (1 - f_bulge) x NFW^2(gamma); every leaf is multiplied
+    by the exposure first when `exposure_weighted` (a counts shape for the smooth GCE)."""
     from skymodel.components import morphology as M
 
-    nfw = M.NFWSquared(
-        gamma=parse_param(spec.get("gamma", {"uniform": [0.2, 2.0]}), f"{where}.gamma"),
+    def wrap(m):
+        return M.ExposureWeighted(m) if exposure_weighted else m
+
+    kw = {"r_sun": float(spec["r_sun"])} if "r_sun" in spec else {}
+    nfw = wrap(
+        M.NFWSquared(gamma=parse_param(spec.get("gamma", {"uniform": [0.2, 2.0]}), f"{where}.gamma"), **kw)
     )
-    bulges = _bulge_maps(dataset, spec.get("bulges", []), where)
-    if bulges:
-        parts = tuple(M.TemplateMap.from_sky(b, roi) for b in bulges)
-        bulge = M.Mixture(parts, _dirichlet_weights(len(parts), spec.get("bulge_concentration", 1.0), where))
-        morph = M.Blend(
-            bulge, nfw, parse_param(spec.get("f_bulge", {"uniform": [0.0, 1.0]}), f"{where}.f_bulge")
-        )
+    names = list(spec.get("bulges", []))
+    if not names:
+        return nfw
+    parts = tuple(wrap(M.TemplateMap.from_sky(b, roi, label=n)) for n, b in zip(names, _bulge_maps(dataset, names, where)))
+    if len(parts) == 1:
+        bulge = parts[0]
     else:
-        morph = nfw
-    return M.ExposureWeighted(morph) if exposure_weighted else morph
+        bulge = M.Mixture(parts, _dirichlet_weights(len(parts), spec.get("bulge_concentration", 1.0), where))
+    fraction = parse_param(spec.get("f_bulge", {"uniform": [0.0, 1.0]}), f"{where}.f_bulge")
+    return M.Blend(bulge, nfw, fraction)
 
 
 def _ps_morphology(spec: Mapping, dataset, roi, where: str):
