@@ -1,0 +1,582 @@
+"""Poisson and non-Poissonian template-fitting (NPTF) log-likelihoods.
+
+Everything here is float64 (the recursion needs it) and pure: the functions take arrays and
+source-count functions and return per-pixel log-likelihoods, so a model sums them.
+
+Per pixel the count distribution has generating function
+
+    P(z) = sum_k p_k z^k = exp( mu (z - 1) + sum_{m>=1} x_m (z^m - 1) ),
+
+with mu the Poisson mean and x_m >= 0 the point-source terms (see SCIENCE.md). With
+x'_1 = mu + x_1 and x'_j = x_j (j >= 2),
+
+    p_0 = exp(-mu - sum_m x_m),     p_k = (1/k) sum_{j=1}^{k} j x'_j p_{k-j}.
+
+Numerics:
+- *Scaled recursion.* The recursion is linear in p, so the history is kept relative to the
+  newest value (r_j = p_{k-j} / p_k) and its log scale is accumulated; nothing overflows and
+  all terms are positive. Ratios are capped at `_RATIO_CAP` (1e250), which only matters
+  when p_{k-j}/p_k exceeds it, i.e. x_j < k / (j 1e250): the value is then exact unless the
+  SCF terms jump by > 200 orders of magnitude between neighbouring m.
+- *Work proportional to sum_p k_p^2.* A `CountPlan` (built once, outside jit, from the
+  observed counts) sorts pixels into a few static groups by count; each group runs its own
+  `lax.scan` of length k_max(group) over its pixels.
+- *Cheap exact gradient* (`jax.custom_vjp`): d log p_k / d x_m = p_{k-m}/p_k (m <= k, from
+  the recursion) and -1 through p_0; d log p_k / d mu = p_{k-1}/p_k - 1. The forward pass
+  ends holding exactly these ratios, so the backward pass is O(n_pix k) and stores no scan
+  residuals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from skymodel._types import Array, ArrayLike, Float, Int, Real
+
+_RATIO_CAP = 1e250
+_HI = 1e100
+_LO = 1e-100
+_CHUNK_ELEMS = 8192
+# Cost model for choosing the count groups: time of one scan step ~ _STEP_OVERHEAD
+# element-updates (loop overhead on CPU), plus one update per pixel and history entry.
+_STEP_OVERHEAD = 4000.0
+_MAX_GROUPS = 8
+
+
+# --------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _is_traced(*xs) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def _check(x, bad, msg: str):
+    """Raise ValueError(msg) now if `bad` is concrete and true anywhere; under jit attach an
+    `eqx.error_if` to `x` instead. Returns x."""
+    return _validate(x, [(bad, msg)])
+
+
+def _validate(x, conditions):
+    """Several checks at once: conditions = [(bad, msg), ...]. Concrete: raise ValueError
+    with the first failing message. Traced: one `eqx.branched_error_if` attached to x
+    (one runtime check instead of many)."""
+    if not _is_traced(x, *[b for b, _ in conditions]):
+        for bad, msg in conditions:
+            if bool(np.any(np.asarray(bad))):
+                raise ValueError(msg)
+        return x
+    flags = jnp.stack([jnp.any(b) for b, _ in conditions])
+    return eqx.branched_error_if(x, jnp.any(flags), jnp.argmax(flags), [m for _, m in conditions])
+
+
+def _check_counts_concrete(counts) -> np.ndarray:
+    k = np.asarray(counts)
+    if k.ndim != 1:
+        raise ValueError(f"counts must be a 1-d array (npix,), got shape {k.shape}")
+    if not (np.issubdtype(k.dtype, np.integer) or np.issubdtype(k.dtype, np.floating)):
+        raise ValueError(f"counts must be a numeric array, got dtype {k.dtype}")
+    if np.issubdtype(k.dtype, np.floating):
+        if not np.all(np.isfinite(k)):
+            raise ValueError("counts contain non-finite values")
+        if np.any(k != np.round(k)):
+            raise ValueError("counts must be integers (got non-integer values)")
+    if np.any(k < 0):
+        raise ValueError(f"counts must be non-negative (min is {k.min()})")
+    return k.astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------
+# Poisson
+
+
+def poisson_loglike(counts: Real[ArrayLike, " npix"], mu: Float[ArrayLike, " npix"]) -> Float[Array, " npix"]:
+    """Per-pixel Poisson log-pmf k log mu - mu - log k! (float64).
+
+    Uses xlogy, so k = 0, mu = 0 gives 0 (not NaN); k > 0 with mu = 0 gives -inf.
+    counts: (npix,) non-negative integers; mu: (npix,) expected counts >= 0.
+    """
+    counts = jnp.asarray(counts)
+    mu = jnp.asarray(mu, dtype=jnp.float64)
+    if counts.shape != mu.shape:
+        raise ValueError(f"counts has shape {counts.shape} but mu has shape {mu.shape}")
+    k = counts.astype(jnp.float64)
+    k = _check(k, (k < 0) | ~jnp.isfinite(k) | (k != jnp.round(k)),
+               "counts must be finite non-negative integers")
+    mu = _check(mu, (mu < 0) | ~jnp.isfinite(mu), "mu must be finite and >= 0")
+    return jax.scipy.special.xlogy(k, mu) - mu - jax.scipy.special.gammaln(k + 1.0)
+
+
+# --------------------------------------------------------------------------------------
+# Count plan
+
+
+class CountPlan(eqx.Module):
+    """Static grouping of pixels by observed count, built once by `count_plan`.
+
+    Attributes:
+      n_pixels: number of pixels (static).
+      k_max: largest count (static); the SCF terms are needed for m = 1..k_max.
+      group_kmax: recursion length of each group (static, ascending; 0 = no recursion).
+      index: per group, (n_g,) positions of its pixels.
+      counts: per group, (n_g,) counts of its pixels (<= group_kmax).
+    """
+
+    n_pixels: int = eqx.field(static=True)
+    k_max: int = eqx.field(static=True)
+    group_kmax: tuple[int, ...] = eqx.field(static=True)
+    index: tuple[Int[Array, " _"], ...]
+    counts: tuple[Int[Array, " _"], ...]
+
+    @property
+    def cost(self) -> int:
+        """Number of history-entry updates of one evaluation (sum_g n_g K_g (K_g + 1))."""
+        return int(sum(int(i.shape[0]) * K * (K + 1) for i, K in zip(self.index, self.group_kmax)))
+
+
+def _choose_groups(values: np.ndarray, hist: np.ndarray, max_groups: int, overhead: float):
+    """Optimal contiguous split of the sorted distinct counts `values` (with multiplicities
+    `hist`) into at most `max_groups` groups, minimising
+    sum_g [n_g K_g (K_g + 1) + overhead K_g] (dynamic programming). Returns the last value
+    of each group (ascending)."""
+    u = len(values)
+    cum = np.concatenate([[0], np.cumsum(hist)])
+    inf = np.inf
+    # best[g][j]: minimal cost covering values[:j] with g groups; arg for back-tracking
+    best = np.full((max_groups + 1, u + 1), inf)
+    arg = np.zeros((max_groups + 1, u + 1), dtype=np.int64)
+    best[0, 0] = 0.0
+    for g in range(1, max_groups + 1):
+        for j in range(1, u + 1):
+            K = float(values[j - 1])
+            i = np.arange(0, j)
+            n = cum[j] - cum[i]
+            c = best[g - 1, i] + n * K * (K + 1) + overhead * K
+            t = int(np.argmin(c))
+            best[g, j] = c[t]
+            arg[g, j] = t
+    g = int(np.argmin(best[1:, u])) + 1
+    ends = []
+    j = u
+    while g > 0:
+        ends.append(int(values[j - 1]))
+        j = int(arg[g, j])
+        g -= 1
+    return sorted(ends)
+
+
+def count_plan(
+    counts: Real[ArrayLike, " npix"],
+    *,
+    max_groups: int = _MAX_GROUPS,
+    step_overhead: float = _STEP_OVERHEAD,
+) -> CountPlan:
+    """Group pixels by count for the NPTF recursion (call outside jit, on concrete counts).
+
+    Groups are chosen to minimise sum_g [n_g K_g (K_g+1) + step_overhead K_g], i.e. the
+    recursion work plus a per-scan-step overhead, with at most `max_groups` groups.
+    """
+    if _is_traced(counts):
+        raise ValueError(
+            "count_plan needs concrete counts, got a traced array: build "
+            "`plan = count_plan(counts)` outside jit and pass it in"
+        )
+    if not isinstance(max_groups, int) or max_groups < 1:
+        raise ValueError(f"max_groups must be a positive int, got {max_groups!r}")
+    k = _check_counts_concrete(counts)
+    n = k.shape[0]
+    if n == 0:
+        return CountPlan(n_pixels=0, k_max=0, group_kmax=(), index=(), counts=())
+    values, hist = np.unique(k, return_counts=True)
+    ends = _choose_groups(values, hist, max_groups, float(step_overhead))
+    order = np.argsort(k, kind="stable")
+    ks = k[order]
+    index, grp_counts, kmaxes = [], [], []
+    lo = -1
+    for e in ends:
+        sel = order[(ks > lo) & (ks <= e)]
+        if sel.size:
+            index.append(jnp.asarray(sel))
+            grp_counts.append(jnp.asarray(k[sel]))
+            kmaxes.append(int(e))
+        lo = e
+    return CountPlan(
+        n_pixels=int(n),
+        k_max=int(k.max()),
+        group_kmax=tuple(kmaxes),
+        index=tuple(index),
+        counts=tuple(grp_counts),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The scaled recursion
+
+
+def _recursion_chunk(mu, x, xtot, kp, with_ratio: bool):
+    """The recursion for one chunk of pixels; pixel i stops after kp[i] steps.
+
+    mu, xtot, kp: (c,); x: (c, K) with x[:, m-1] = x_m. Pixels lie along the last (fast)
+    axis of the history h: (K+1, c), p_j = h[j] exp(logc) for j <= kp (later rows stay 0).
+    The history is rescaled (divided by the newest value, ratios capped at 1e250) only when
+    the newest value leaves [1e-100, 1e100], which real data almost never triggers.
+    Returns log p_kp (c,) and, with `with_ratio`, ratio (K, c) = p_{kp-m}/p_kp, m = 1..K
+    (0 for m > kp).
+    """
+    dt = x.dtype
+    c, K = x.shape
+    w = (x.at[:, 0].add(mu) * jnp.arange(1, K + 1, dtype=dt)).T  # (K, c): row j-1 = j x'_j
+    # rw[K - k + i] = w_{k-i} (zero for k - i <= 0): the step-k weights are one slice.
+    rw = jnp.concatenate([w[::-1], jnp.zeros((K + 1, c), dt)], axis=0)
+    h0 = jnp.zeros((K + 1, c), dt).at[0].set(1.0)
+    logc0 = -mu - xtot
+
+    def step(carry, k):
+        h, logc = carry
+        u = lax.dynamic_slice_in_dim(rw, K - k, K + 1, axis=0)
+        active = k <= kp
+        v = jnp.where(active, jnp.sum(u * h, axis=0) / k.astype(dt), 0.0)
+        h = lax.dynamic_update_slice_in_dim(h, v[None], k, axis=0)
+        out_of_range = active & ((v > _HI) | ((v > 0) & (v < _LO)))
+
+        def rescale(args):
+            h, logc = args
+            d = jnp.where(out_of_range, v, 1.0)
+            return jnp.minimum(h / d, _RATIO_CAP), logc + jnp.log(d)
+
+        h, logc = lax.cond(jnp.any(out_of_range), rescale, lambda a: a, (h, logc))
+        return (h, logc), None
+
+    (h, logc), _ = lax.scan(step, (h0, logc0), jnp.arange(1, K + 1))
+    hk = jnp.take_along_axis(h, kp[None, :], axis=0)[0]
+    pos = hk > 0
+    hk_safe = jnp.where(pos, hk, 1.0)
+    logp = jnp.where(pos, logc + jnp.log(hk_safe), -jnp.inf)
+    if not with_ratio:
+        return logp
+    src = kp[None, :] - jnp.arange(1, K + 1)[:, None]  # (K, c): index of p_{k-m}
+    hkm = jnp.take_along_axis(h, jnp.maximum(src, 0), axis=0)
+    ratio = jnp.where((src >= 0) & pos[None, :], hkm / hk_safe[None, :], 0.0)
+    return logp, jnp.minimum(ratio, _RATIO_CAP)
+
+
+def _chunk_size(n: int, K: int) -> tuple[int, int]:
+    """(number of chunks, chunk size): chunks keep the history in cache (~_CHUNK_ELEMS
+    entries), sized to waste little padding."""
+    nchunks = max(1, -(-n * (K + 1) // _CHUNK_ELEMS))
+    nchunks = min(nchunks, max(1, n // 64))
+    size = -(-n // nchunks)
+    size = -(-size // 8) * 8
+    nchunks = -(-n // size)
+    return nchunks, size
+
+
+def _recursion(mu, x, xtot, kp, with_ratio: bool):
+    """`_recursion_chunk` over cache-sized chunks of pixels (lax.map when more than one)."""
+    n, K = x.shape
+    nchunks, size = _chunk_size(n, K)
+    if nchunks == 1:
+        return _recursion_chunk(mu, x, xtot, kp, with_ratio)
+    pad = nchunks * size - n
+
+    def split(a):
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape((nchunks, size) + a.shape[1:])
+
+    out = lax.map(lambda a: _recursion_chunk(*a, with_ratio), (split(mu), split(x), split(xtot), split(kp)))
+    if not with_ratio:
+        return out.reshape(-1)[:n]
+    logp, ratio = out
+    ratio = jnp.moveaxis(ratio, 0, 1).reshape(K, -1)[:, :n]
+    return logp.reshape(-1)[:n], ratio
+
+
+@jax.custom_vjp
+def _group_logp(mu, x, xtot, kp):
+    """log p_{kp} per pixel of one group (x: (n, K), K static from the shape)."""
+    if x.shape[1] == 0:
+        return -mu - xtot
+    return _recursion(mu, x, xtot, kp, False)
+
+
+def _group_logp_fwd(mu, x, xtot, kp):
+    if x.shape[1] == 0:
+        return -mu - xtot, None
+    logp, ratio = _recursion(mu, x, xtot, kp, True)
+    return logp, ratio
+
+
+def _group_logp_bwd(ratio, g):
+    if ratio is None:
+        return -g, jnp.zeros((g.shape[0], 0), g.dtype), -g, None
+    d_mu = g * (ratio[0] - 1.0)
+    d_x = (g[None, :] * ratio).T
+    return d_mu, d_x, -g, None
+
+
+_group_logp.defvjp(_group_logp_fwd, _group_logp_bwd)
+
+
+# --------------------------------------------------------------------------------------
+# Public: NPTF log-likelihood from generating terms
+
+
+def _resolve_plan(counts, plan: CountPlan | None) -> CountPlan:
+    if plan is None:
+        if _is_traced(counts):
+            raise ValueError(
+                "nptf_loglike got traced counts and no plan: build `plan = count_plan(counts)` "
+                "outside jit (counts are data, so once) and pass `plan=plan`"
+            )
+        return count_plan(counts)
+    if not isinstance(plan, CountPlan):
+        raise ValueError(f"plan must be a CountPlan (from count_plan), got {type(plan).__name__}")
+    return plan
+
+
+def nptf_loglike_from_terms(
+    counts: Real[ArrayLike, " npix"],
+    mu: Float[ArrayLike, " npix"],
+    x_pix: Float[ArrayLike, "npix nm"],
+    x_total: Float[ArrayLike, " npix"],
+    *,
+    plan: CountPlan | None = None,
+) -> Float[Array, " npix"]:
+    """Per-pixel log p_{k_p} (float64, -log k! included) from the generating terms.
+
+    counts: (npix,) observed counts; mu: (npix,) Poisson mean; x_pix: (npix, nm) with
+    x_pix[p, m-1] = x_{p,m} (nm >= max count; terms beyond nm are taken as 0 in the
+    recursion); x_total: (npix,) sum over all m of x_{p,m} (enters p_0 only).
+    `plan`: `count_plan(counts)`; built here if omitted and counts are concrete.
+    """
+    plan = _resolve_plan(counts, plan)
+    counts = jnp.asarray(counts)
+    mu = jnp.asarray(mu, dtype=jnp.float64)
+    x_pix = jnp.asarray(x_pix, dtype=jnp.float64)
+    x_total = jnp.asarray(x_total, dtype=jnp.float64)
+    n = plan.n_pixels
+    if counts.shape != (n,):
+        raise ValueError(f"counts has shape {counts.shape}, the plan is for ({n},) pixels")
+    if mu.shape != (n,):
+        raise ValueError(f"mu has shape {mu.shape}, expected ({n},)")
+    if x_pix.ndim != 2 or x_pix.shape[0] != n:
+        raise ValueError(f"x_pix has shape {x_pix.shape}, expected ({n}, nm)")
+    if x_total.shape != (n,):
+        raise ValueError(f"x_total has shape {x_total.shape}, expected ({n},)")
+    mu = _validate(mu, [
+        ((mu < 0) | ~jnp.isfinite(mu), "mu must be finite and >= 0"),
+        ((x_pix < 0) | ~jnp.isfinite(x_pix), "point-source terms x_m must be finite and >= 0"),
+        ((x_total < 0) | ~jnp.isfinite(x_total),
+         "point-source total sum_m x_m must be finite and >= 0"),
+    ] + _plan_conditions(counts, plan))
+    nm = x_pix.shape[1]
+    if nm < plan.k_max:
+        x_pix = jnp.pad(x_pix, ((0, 0), (0, plan.k_max - nm)))
+    return _grouped(counts, mu, plan, lambda idx, K: (x_pix[idx, :K], x_total[idx]))
+
+
+_PLAN_MISMATCH = "counts do not match the CountPlan (was it built from other counts?)"
+
+
+def _plan_conditions(counts, plan: CountPlan):
+    """Validation conditions: the plan's counts equal `counts` (checked now when concrete)."""
+    if not _is_traced(counts, *plan.index, *plan.counts):
+        c = np.asarray(counts)
+        for idx, kp in zip(plan.index, plan.counts):
+            if not np.array_equal(c[np.asarray(idx)], np.asarray(kp)):
+                raise ValueError(_PLAN_MISMATCH)
+        return []
+    return [(counts[idx] != kp, _PLAN_MISMATCH) for idx, kp in zip(plan.index, plan.counts)]
+
+
+def _grouped(counts, mu, plan: CountPlan, terms) -> Float[Array, " npix"]:
+    """Assemble per-pixel log p from the groups; terms(idx, K) -> (x (n_g, K), xtot (n_g,))."""
+    out = jnp.zeros(plan.n_pixels, jnp.float64)
+    for idx, kp, K in zip(plan.index, plan.counts, plan.group_kmax):
+        x, xtot = terms(idx, K)
+        out = out.at[idx].set(_group_logp(mu[idx], x, xtot, kp))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Public: NPTF log-likelihood from templates and SCFs
+
+
+def _delta_psf():
+    return jnp.ones(1, jnp.float64), jnp.ones(1, jnp.float64)
+
+
+def _population_terms(scf, f, weights, m_max: int, ratios):
+    """(nregion, m_max) x_m per unit template and (nregion,) totals for one population."""
+
+    def one(ratio):
+        xm, tot = scf.generating_terms(f, weights, m_max, ratio)
+        return jnp.asarray(xm, jnp.float64), jnp.asarray(tot, jnp.float64)
+
+    return jax.vmap(one)(ratios)
+
+
+def nptf_loglike(
+    counts: Real[ArrayLike, " npix"],
+    mu: Float[ArrayLike, " npix"],
+    ps_templates: Float[ArrayLike, "npop npix"],
+    scfs: Sequence,
+    psf=None,
+    exposure_regions: tuple[Int[ArrayLike, " npix"], Float[ArrayLike, " nregion"]] | None = None,
+    *,
+    plan: CountPlan | None = None,
+) -> Float[Array, " npix"]:
+    """Per-pixel NPTF log-likelihood log p_{k_p} (float64; normalised pmf, -log k! included).
+
+    counts: (npix,) observed counts (non-negative integers).
+    mu: (npix,) Poisson mean (expected counts of all smooth components).
+    ps_templates: (npop, npix) source-density template of each population (multiplies A).
+    scfs: npop `skymodel.scf.BrokenPowerLaw` (S in counts at the mean exposure).
+    psf: `skymodel.psf.PSFCorrection` (fields f, weights); None = delta PSF (f = 1).
+    exposure_regions: (region (npix,) ints, ratio (nregion,) = region exposure / mean);
+      None = one region with ratio 1.
+    plan: `count_plan(counts)`; required under jit (counts traced), else built here.
+
+    x_{p,m} = sum_pop T[pop, p] X[pop, region_p, m], X from each SCF's generating terms at
+    the region's exposure ratio. With npop = 0 this equals `poisson_loglike`.
+    """
+    counts = jnp.asarray(counts)
+    mu = jnp.asarray(mu, dtype=jnp.float64)
+    ps_templates = jnp.asarray(ps_templates, dtype=jnp.float64)
+    scfs = tuple(scfs)
+    if counts.ndim != 1:
+        raise ValueError(f"counts must be 1-d (npix,), got shape {counts.shape}")
+    n = counts.shape[0]
+    if mu.shape != (n,):
+        raise ValueError(f"mu has shape {mu.shape}, expected ({n},) like counts")
+    if ps_templates.ndim != 2 or ps_templates.shape[1] != n:
+        raise ValueError(f"ps_templates has shape {ps_templates.shape}, expected (npop, {n})")
+    npop = ps_templates.shape[0]
+    if len(scfs) != npop:
+        raise ValueError(f"got {len(scfs)} SCFs for {npop} point-source templates")
+    if npop == 0:
+        return poisson_loglike(counts, mu)
+    plan = _resolve_plan(counts, plan)
+    if plan.n_pixels != n:
+        raise ValueError(f"the plan is for {plan.n_pixels} pixels, counts have {n}")
+    if psf is None:
+        f, weights = _delta_psf()
+    else:
+        f = jnp.asarray(psf.f, jnp.float64)
+        weights = jnp.asarray(psf.weights, jnp.float64)
+    if exposure_regions is None:
+        region = jnp.zeros(n, jnp.int32)
+        ratios = jnp.ones(1, jnp.float64)
+    else:
+        region, ratios = exposure_regions
+        region = jnp.asarray(region)
+        ratios = jnp.asarray(ratios, jnp.float64)
+        if region.shape != (n,):
+            raise ValueError(f"exposure region index has shape {region.shape}, expected ({n},)")
+        if ratios.ndim != 1 or ratios.shape[0] == 0:
+            raise ValueError(f"exposure ratios must be a non-empty 1-d array, got {ratios.shape}")
+        if not jnp.issubdtype(region.dtype, jnp.integer):
+            raise ValueError(f"exposure region index must be integers, got {region.dtype}")
+        region = _check(region, (region < 0) | (region >= ratios.shape[0]),
+                        f"exposure region index out of range [0, {ratios.shape[0]})")
+    m_max = max(plan.k_max, 1)
+    X, Xtot = [], []
+    for scf in scfs:
+        xm, tot = _population_terms(scf, f, weights, m_max, ratios)
+        X.append(xm)
+        Xtot.append(tot)
+    X = jnp.stack(X)  # (npop, nregion, m_max)
+    Xtot = jnp.stack(Xtot)  # (npop, nregion)
+    mu = _validate(mu, [
+        ((mu < 0) | ~jnp.isfinite(mu), "mu must be finite and >= 0"),
+        ((ps_templates < 0) | ~jnp.isfinite(ps_templates), "ps_templates must be finite and >= 0"),
+        ((ratios <= 0) | ~jnp.isfinite(ratios), "exposure ratios must be finite and > 0"),
+        ((X < 0) | ~jnp.isfinite(X),
+         "SCF generating terms x_m are negative or not finite (check the SCF parameters)"),
+        ((Xtot < 0) | ~jnp.isfinite(Xtot),
+         "SCF total sum_m x_m is negative or not finite (check the SCF parameters)"),
+    ] + _plan_conditions(counts, plan))
+
+    def terms(idx, K):
+        T = ps_templates[:, idx]  # (npop, n_g)
+        reg = region[idx]
+        xtot = jnp.einsum("pi,pi->i", T, Xtot[:, reg])
+        if K == 0:
+            return jnp.zeros((idx.shape[0], 0), jnp.float64), xtot
+        x = jnp.einsum("pi,pim->im", T, X[:, reg, :K])
+        return x, xtot
+
+    return _grouped(counts, mu, plan, terms)
+
+
+# --------------------------------------------------------------------------------------
+# Public: the full table p_0..p_kmax
+
+
+def pk_table(
+    mu: Float[ArrayLike, " npix"],
+    x_pix: Float[ArrayLike, "npix nm"],
+    x_total: Float[ArrayLike, " npix"],
+    k_max: int,
+    *,
+    log: bool = False,
+) -> Float[Array, "npix kp1"]:
+    """p_0..p_{k_max} per pixel, shape (npix, k_max + 1) (log p with `log=True`), float64.
+
+    x_pix[p, m-1] = x_{p,m}; terms beyond its width are taken as 0. x_total: sum_m x_{p,m}.
+    Runs the scaled recursion for all pixels to k_max (no grouping; for simulations,
+    closure tests and plots).
+    """
+    if not isinstance(k_max, (int, np.integer)) or k_max < 0:
+        raise ValueError(f"k_max must be a non-negative int, got {k_max!r}")
+    k_max = int(k_max)
+    mu = jnp.asarray(mu, jnp.float64)
+    x_pix = jnp.asarray(x_pix, jnp.float64)
+    x_total = jnp.asarray(x_total, jnp.float64)
+    n = mu.shape[0]
+    if mu.ndim != 1 or x_pix.ndim != 2 or x_pix.shape[0] != n or x_total.shape != (n,):
+        raise ValueError(
+            f"shapes mu {mu.shape}, x_pix {x_pix.shape}, x_total {x_total.shape} are not "
+            "(npix,), (npix, nm), (npix,)"
+        )
+    mu = _check(mu, (mu < 0) | ~jnp.isfinite(mu), "mu must be finite and >= 0")
+    x_pix = _check(x_pix, (x_pix < 0) | ~jnp.isfinite(x_pix), "x_pix must be finite and >= 0")
+    x_total = _check(x_total, (x_total < 0) | ~jnp.isfinite(x_total),
+                     "x_total must be finite and >= 0")
+    nm = x_pix.shape[1]
+    K = k_max
+    x = jnp.pad(x_pix, ((0, 0), (0, max(0, K - nm))))[:, :K]
+    w = x.at[:, 0].add(mu) * jnp.arange(1, K + 1, dtype=jnp.float64) if K else x
+    r0 = jnp.zeros((n, K + 1), jnp.float64).at[:, 0].set(1.0)
+    logc0 = -mu - x_total
+
+    def step(carry, k):
+        r, logc = carry
+        v = jnp.sum(w * r[:, :K], axis=1) / k
+        pos = v > 0
+        d = jnp.where(pos, v, 1.0)
+        head = jnp.where(pos, 1.0, 0.0)
+        tail = jnp.minimum(r[:, :K] / d[:, None], _RATIO_CAP)
+        r = jnp.concatenate([head[:, None], tail], axis=1)
+        logc = logc + jnp.log(d)
+        return (r, logc), jnp.where(pos, logc, -jnp.inf)
+
+    (_, _), logs = lax.scan(step, (r0, logc0), jnp.arange(1, K + 1, dtype=jnp.float64))
+    out = jnp.concatenate([logc0[:, None], logs.T], axis=1)
+    return out if log else jnp.exp(out)
+
+
+__all__ = [
+    "CountPlan",
+    "count_plan",
+    "nptf_loglike",
+    "nptf_loglike_from_terms",
+    "pk_table",
+    "poisson_loglike",
+]
