@@ -1,0 +1,210 @@
+"""skymodel.scf against mpmath quadrature over S (independent of the incomplete-gamma
+formulas), plus structural identities. PSF tables are (f, w) with w = Delta f rho(f) / f as
+NPTFit tabulates them, so the PSF measure is Delta f rho = w f. Shapes are kept few (nf = 2, m_max = 100) so the
+jitted kernel compiles only a handful of times."""
+
+import jax
+import jax.numpy as jnp
+import mpmath as mp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+from skymodel.scf import BrokenPowerLaw, generating_terms
+
+mp.mp.dps = 25
+M = 100
+M_CHECK = [1, 2, 3, 4, 6, 10, 20, 40, 70, 100]
+
+
+def _mp_dnds(A, ns, bs):
+    ns = [mp.mpf(x) for x in ns]
+    bs = [mp.mpf(x) for x in bs]
+
+    def dnds(S):
+        if S >= bs[0]:
+            return A * (S / bs[0]) ** (-ns[0])
+        v, P = mp.mpf(1), bs[0]
+        for j in range(1, len(bs)):
+            if S >= bs[j]:
+                return A * v * (S / P) ** (-ns[j])
+            v, P = v * (bs[j] / P) ** (-ns[j]), bs[j]
+        return A * v * (S / P) ** (-ns[-1])
+
+    return dnds
+
+
+def _ref(A, ns, bs, f, w, ms):
+    """x_m (m in ms) and x_total by quadrature in u = log S, split at the breaks and at the
+    peak of the Poisson kernel."""
+    dnds = _mp_dnds(A, ns, bs)
+    logb = [mp.log(b) for b in bs]
+    xs = []
+    for m in ms:
+        tot = 0
+        for fi, wi in zip(f, w):
+            g = lambda u: dnds(mp.e**u) * mp.e**u * mp.exp(  # noqa: E731
+                m * mp.log(fi * mp.e**u) - fi * mp.e**u - mp.loggamma(m + 1)
+            )
+            pts = sorted({*logb, mp.log(m / fi)}, key=float)
+            tot += wi * fi * mp.quad(g, [-mp.inf, *pts, mp.inf])
+        xs.append(tot)
+    tot = 0
+    for fi, wi in zip(f, w):
+        g = lambda u: dnds(mp.e**u) * mp.e**u * (-mp.expm1(-fi * mp.e**u))  # noqa: E731
+        pts = sorted({*logb, mp.log(1 / fi)}, key=float)
+        tot += wi * fi * mp.quad(g, [-mp.inf, *pts, mp.inf])
+    return np.array([float(x) for x in xs]), float(tot)
+
+
+def _check(A, ns, bs, f, w, rtol=1e-10):
+    x, xt = generating_terms(A, ns, bs, f, w, M)
+    rx, rt = _ref(A, ns, bs, f, w, M_CHECK)
+    got = np.asarray(x)[np.array(M_CHECK) - 1]
+    ok = rx > 1e-280
+    np.testing.assert_allclose(got[ok], rx[ok], rtol=rtol)
+    assert float(xt) == pytest.approx(rt, rel=rtol)
+
+
+EDGE_CASES = [
+    # (indices, breaks, f)   one break
+    ([3.0, 1.5], [10.0], [1.0, 0.3]),  # integer n1
+    ([2.001, 1.999], [1000.0], [1.0, 1e-5]),  # n1 -> 2+, last -> 2-, f S_b = 0.01
+    ([10.0, 1.0], [0.1], [0.1, 1.0]),  # steep, last index exactly 1, faint
+    ([5.5, 0.5], [30.0], [1.0, 0.5]),
+    ([2.05, -3.0], [2.0], [1.0, 0.2]),
+]
+EDGE_CASES_2 = [
+    ([5.5, 0.5, -3.0], [20.0, 5.0], [0.01, 1.0]),
+    ([3.0, 1.0, -1.0], [100.0, 0.1], [1.0, 0.4]),
+    ([2.05, 1.999, 1.5], [300.0, 10.0], [1.0, 0.05]),
+]
+
+
+@pytest.mark.parametrize("ns,bs,f", EDGE_CASES)
+def test_one_break_vs_quadrature(ns, bs, f):
+    _check(1.7, ns, bs, f, [0.6, 1.3])
+
+
+@pytest.mark.parametrize("ns,bs,f", EDGE_CASES_2)
+def test_two_breaks_vs_quadrature(ns, bs, f):
+    _check(0.9, ns, bs, f, [1.0, 0.5])
+
+
+@pytest.mark.slow
+def test_three_breaks_vs_quadrature():
+    _check(2.0, [2.05, 1.2, 3.0, -1.0], [500.0, 30.0, 2.0], [1.0, 0.3], [1.0, 0.25])
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    n1=st.floats(2.01, 10.0),
+    n2=st.floats(-3.0, 1.99),
+    sb=st.floats(-1.0, 3.0),
+    f=st.floats(-2.0, 0.0),
+)
+def test_random_one_break_vs_quadrature(n1, n2, sb, f):
+    _check(1.0, [n1, n2], [10**sb], [10**f, 1.0], [0.7, 0.3])
+
+
+def test_sum_of_xm_is_total_for_faint_sources():
+    x, xt = generating_terms(3.0, [4.0, 1.5], [2.0], [1.0, 0.5], [0.5, 0.5], M)
+    assert float(jnp.sum(x)) == pytest.approx(float(xt), rel=1e-12)
+
+
+def test_irrelevant_break_matches_one_break():
+    x1, t1 = generating_terms(1.3, [3.5, 1.2], [15.0], [1.0, 0.4], [1.0, 0.2], M)
+    # extra break at 4 with equal indices on both sides: same SCF
+    x2, t2 = generating_terms(1.3, [3.5, 1.2, 1.2], [15.0, 4.0], [1.0, 0.4], [1.0, 0.2], M)
+    np.testing.assert_allclose(np.asarray(x2), np.asarray(x1), rtol=1e-12)
+    assert float(t2) == pytest.approx(float(t1), rel=1e-12)
+    # and an upper break above which the index is unchanged
+    x3, _ = generating_terms(1.3, [3.5, 3.5, 1.2], [40.0, 15.0], [1.0, 0.4], [1.0, 0.2], M)
+    np.testing.assert_allclose(np.asarray(x3), np.asarray(x1), rtol=1e-12)
+
+
+def test_rescaled_matches_ratio():
+    scf = BrokenPowerLaw(2.0, [4.0, 0.8, -1.0], [25.0, 6.0])
+    f, w = [1.0, 0.3], [0.8, 0.6]
+    xa, ta = scf.generating_terms(f, w, M, ratio=1.7)
+    xb, tb = scf.rescaled(1.7).generating_terms(f, w, M)
+    np.testing.assert_allclose(np.asarray(xa), np.asarray(xb), rtol=1e-12)
+    assert float(ta) == pytest.approx(float(tb), rel=1e-12)
+    # delta PSF == PSF table with f = 1 split in two halves of weight
+    xc, tc = scf.generating_terms([1.0, 1.0], [0.5, 0.5], M)
+    xd, td = scf.generating_terms([1.0, 1e-3], [1.0, 0.0], M)
+    np.testing.assert_allclose(np.asarray(xc), np.asarray(xd), rtol=1e-13)
+    # the rescaled SCF has the same number of sources and ratio x the counts
+    assert float(scf.rescaled(1.7).mean_counts()) == pytest.approx(1.7 * float(scf.mean_counts()))
+    assert float(scf.rescaled(1.7).number_of_sources(1.7 * 3.0)) == pytest.approx(
+        float(scf.number_of_sources(3.0))
+    )
+
+
+def test_moments_vs_quadrature():
+    ns, bs = [5.5, 1.3, -2.0], [20.0, 4.0]
+    scf = BrokenPowerLaw(1.5, ns, bs)
+    dnds = _mp_dnds(1.5, ns, bs)
+    pts = [-mp.inf, mp.log(4), mp.log(20), mp.inf]
+    mean = mp.quad(lambda u: dnds(mp.e**u) * mp.e ** (2 * u), pts)
+    assert float(scf.mean_counts()) == pytest.approx(float(mean), rel=1e-12)
+    nsrc = mp.quad(lambda u: dnds(mp.e**u) * mp.e**u, [mp.log(0.5), mp.log(4), mp.log(20), mp.inf])
+    assert float(scf.number_of_sources(0.5)) == pytest.approx(float(nsrc), rel=1e-12)
+    assert np.isinf(float(BrokenPowerLaw(1.0, [3.0, 1.0], [5.0]).number_of_sources()))
+    assert np.isfinite(float(scf.number_of_sources()))
+    # amplitude for a target mean
+    A = scf.amplitude_for_mean_counts(0.37)
+    assert float(scf.with_mean_counts(0.37).mean_counts()) == pytest.approx(0.37, rel=1e-13)
+    assert float(A) == pytest.approx(0.37 / float(mean) * 1.5, rel=1e-12)
+    # dN/dS continuous at the breaks, and the stated values
+    eps = 1e-9
+    for b in bs:
+        lo, hi = scf.dnds(jnp.array([b * (1 - eps), b * (1 + eps)]))
+        assert float(lo) == pytest.approx(float(hi), rel=1e-6)
+    assert float(scf.dnds(40.0)) == pytest.approx(1.5 * 2.0**-5.5)
+    assert float(scf.dnds(1.0)) == pytest.approx(1.5 * (4 / 20) ** -1.3 * (1 / 4) ** 2.0)
+
+
+def test_validation_errors():
+    with pytest.raises(ValueError, match="n1 > 2"):
+        BrokenPowerLaw(1.0, [2.0, 1.0], [5.0])
+    with pytest.raises(ValueError, match="last"):
+        BrokenPowerLaw(1.0, [3.0, 2.0], [5.0])
+    with pytest.raises(ValueError, match="decreasing"):
+        BrokenPowerLaw(1.0, [3.0, 1.0, 0.0], [5.0, 6.0])
+    with pytest.raises(ValueError, match="positive"):
+        BrokenPowerLaw(1.0, [3.0, 1.0], [-5.0])
+    with pytest.raises(ValueError, match="A >= 0"):
+        BrokenPowerLaw(-1.0, [3.0, 1.0], [5.0])
+    with pytest.raises(ValueError, match="len\\(indices\\)"):
+        BrokenPowerLaw(1.0, [3.0, 1.0, 0.5], [5.0])
+    with pytest.raises(ValueError, match="at least one break"):
+        BrokenPowerLaw(1.0, [3.0], [])
+    with pytest.raises(ValueError, match="f must be positive"):
+        generating_terms(1.0, [3.0, 1.0], [5.0], [0.0, 1.0], [1.0, 1.0], M)
+    with pytest.raises(ValueError, match="ratio"):
+        generating_terms(1.0, [3.0, 1.0], [5.0], [0.5, 1.0], [1.0, 1.0], M, ratio=-1.0)
+
+
+def test_invalid_under_jit_errors():
+    fn = jax.jit(lambda n1: generating_terms(1.0, jnp.stack([n1, 1.0]), [5.0], [1.0, 0.5],
+                                             [1.0, 1.0], M)[1])
+    assert np.isfinite(float(fn(3.0)))
+    with pytest.raises(Exception, match="n1 > 2"):
+        fn(1.5).block_until_ready()
+
+
+def test_grads():
+    f = jnp.array([1.0, 0.3])
+    w = jnp.array([0.7, 0.4])
+
+    def fn(A, ns, bs, r):
+        x, xt = generating_terms(A, ns, bs, f, w, M, r)
+        return jnp.sum(jnp.log(x[:40])) + xt
+
+    fn = jax.jit(fn)
+    for ns, bs in [([3.0, 1.5], [10.0]), ([6.3, 1.0], [3.0]), ([2.2, -1.5], [40.0])]:
+        check_grads(fn, (1.2, jnp.array(ns), jnp.array(bs), 1.3), order=1,
+                    modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
