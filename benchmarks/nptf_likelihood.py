@@ -163,7 +163,7 @@ def main(argv=None):
         kj = jnp.asarray(k)
 
         def total(mu, T, params, plan):
-            scfs = [BrokenPowerLaw(A, i, b) for A, i, b in params]
+            scfs = [BrokenPowerLaw(A, i, b, max_index=10.0) for A, i, b in params]
             return jnp.sum(nptf_loglike(kj, mu, T, scfs, psf, (region, ratios), plan=plan))
 
         val = jax.jit(total)
@@ -177,7 +177,7 @@ def main(argv=None):
                    value_min_ms=tmin_v * 1e3, value_grad_ms=t_g * 1e3, value_grad_min_ms=tmin_g * 1e3)
         if not args.no_reference and (npop, nb, psf_name, nreg) == (2, 2, "king", 7):
             f = jnp.asarray(king.f)
-            w = jnp.asarray(king.weights)
+            w = jnp.asarray(king.weights * king.f)  # PSF measure df rho = w f
             ref = reference_loglike_factory(kj, jnp.asarray(T), region, ratios, f, w, int(k.max()), npop)
             rv = jax.jit(ref)
             rg = jax.jit(jax.value_and_grad(ref, argnums=(0, 1, 2)))

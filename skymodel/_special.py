@@ -47,12 +47,13 @@ A_CUT = 1.0
 _LOG_FACT = np.array([math.lgamma(k + 1.0) for k in range(SERIES_TERMS + 1)])
 
 
-def _h(b, L):
-    """(1 - e^(-|b| L)) / |b| for L >= 0 (-> L at b = 0), finite and smooth in b.
+def _h(ab, L):
+    """(1 - e^(-ab L)) / ab for ab >= 0, L >= 0 (-> L at ab = 0), smooth in ab.
 
-    Uses a Taylor series in x = |b| L for x < 0.1 (no cancellation in value or gradient).
+    Callers pass ab = +b or -b with the sign fixed by their branch (not jnp.abs, whose
+    derivative at 0 would not match the branch taken there). Taylor series in x = ab L for
+    x < 0.1 (no cancellation in value or gradient).
     """
-    ab = jnp.abs(b)
     x = ab * L
     small = x < 0.1
     # series branch: L * sum_j (-x)^j / (j+1)!
@@ -86,7 +87,7 @@ def _power_interval(b, lo, hi):
     hi_s = jnp.where(special | diverge, 2.0, hi)
     L = jnp.where(special | diverge, 1.0, jnp.log(hi_s) - jnp.log(lo_s))
     b_ok = jnp.where(diverge, 1.0, b)
-    generic = jnp.exp(b_ok * jnp.log(base_ok)) * _h(b_ok, L)
+    generic = jnp.exp(b_ok * jnp.log(base_ok)) * _h(jnp.where(pos, b_ok, -b_ok), L)
     # lo = 0 (b > 0): hi^b / b ; hi = inf (b < 0): lo^b / (-b)
     b_sp = jnp.where(diverge | ~special, 1.0, jnp.abs(b))
     b_sp = jnp.where(b_sp == 0, 1.0, b_sp)

@@ -38,6 +38,24 @@ class AbstractSCFParameters(eqx.Module):
         """The source-count function, for a template normalised to mean 1."""
 
 
+def _index_bound(indices: tuple[Param, ...]) -> float | None:
+    """Static upper bound on the SCF indices: fixed values and the upper edges of bounded
+    priors (None when a prior is unbounded)."""
+    bounds = []
+    for p in indices:
+        if p.prior is None:
+            try:
+                bounds.append(float(p.value))
+            except Exception:  # traced fixed value
+                return None
+        else:
+            high = getattr(p.prior, "high", None)
+            if high is None:
+                return None
+            bounds.append(float(high))
+    return max(bounds)
+
+
 def _params(values, what: str) -> tuple[Param, ...]:
     out = tuple(v if isinstance(v, Param) else Param(v) for v in values)
     if not out:
@@ -73,6 +91,7 @@ class NPTFitSCF(AbstractSCFParameters):
             A,
             jnp.stack([param_value(p) for p in self.indices]),
             jnp.stack([param_value(p) for p in self.breaks]),
+            _index_bound(self.indices),
         )
 
 
@@ -111,7 +130,7 @@ class TotalCountsSCF(AbstractSCFParameters):
         breaks = jnp.stack(breaks)
         unit = BrokenPowerLaw(jnp.asarray(1.0), indices, breaks)
         A = param_value(self.total_counts) / unit.mean_counts()
-        return BrokenPowerLaw(A, indices, breaks)
+        return BrokenPowerLaw(A, indices, breaks, _index_bound(self.indices))
 
 
 @typing.final
