@@ -373,7 +373,10 @@ def _moment(A, indices, breaks, power, s_min):
     hi = jnp.maximum(upper, lo)
     # int (S/P)^-n S^p dS = P^(p+1) int_{lo/P}^{hi/P} t^(p-n) dt
     b = power + 1.0 - indices
-    I = _power_interval(b, lo / pivot, hi / pivot)
+    # hi = inf on the top segment: divide only finite values (d(inf/P)/dP would be NaN)
+    top = jnp.isinf(hi)
+    hi_t = jnp.where(top, jnp.inf, jnp.where(top, 1.0, hi) / pivot)
+    I = _power_interval(b, lo / pivot, hi_t)
     I = jnp.where(hi > lo, I, 0.0)
     return A * jnp.sum(jnp.exp(logv + (power + 1.0) * jnp.log(pivot)) * I)
 
