@@ -2,7 +2,9 @@
 
   skymodel demo [--out DIR] [--steps N]        simulate a sky with known truth, fit it, report
   skymodel fit --config FILE|NAME [--out DIR] [--method svi|nuts|map] [--steps N] [--resume]
-  skymodel report RUN_DIR                      summary and plots of a saved run
+               [--guide iaf|bnaf|mvn|normal] [--beta0 B --temper-steps N] [--neutra RUN_DIR] ...
+  skymodel fit --out RUN_DIR --resume          continue an interrupted SVI run
+  skymodel report RUN_DIR [--compare OTHER]    plots and summary.txt of a saved run
   skymodel configs                             list the packaged configs
 """
 
@@ -14,16 +16,38 @@ import sys
 import time
 
 
+_OVERRIDES = {
+    # CLI attribute -> [inference] key
+    "steps": "num_steps",
+    "samples": "num_samples",
+    "guide": "guide",
+    "seed": "seed",
+    "lr": "learning_rate",
+    "lr_schedule": "lr_schedule",
+    "particles": "num_particles",
+    "flows": "num_flows",
+    "beta0": "beta0",
+    "temper_steps": "temper_steps",
+    "temper_schedule": "temper_schedule",
+    "checkpoint_every": "checkpoint_every",
+    "warmup": "num_warmup",
+    "nuts_samples": "nuts_samples",
+    "chains": "num_chains",
+    "target_accept": "target_accept",
+    "chain_method": "chain_method",
+}
+
+
 def _overrides(args) -> dict:
-    out = {}
-    if getattr(args, "steps", None) is not None:
-        out["num_steps"] = args.steps
-    if getattr(args, "samples", None) is not None:
-        out["num_samples"] = args.samples
-    if getattr(args, "guide", None) is not None:
-        out["guide"] = args.guide
-    if getattr(args, "seed", None) is not None:
-        out["seed"] = args.seed
+    out = {key: getattr(args, attr) for attr, key in _OVERRIDES.items()
+           if getattr(args, attr, None) is not None}
+    if getattr(args, "hidden", None) is not None:
+        try:
+            sizes = [int(h) for h in args.hidden.split(",")]
+        except ValueError:
+            raise ValueError(f"--hidden must be comma-separated integers, got {args.hidden!r}") from None
+        # the guide decides which one it uses (iaf: hidden_dims, bnaf: hidden_factors)
+        out["hidden_dims"] = out["hidden_factors"] = sizes
     return out
 
 
@@ -58,24 +82,33 @@ def cmd_demo(args) -> int:
 def cmd_fit(args) -> int:
     from skymodel.runs import run_fit
 
-    out = args.out or f"runs/{pathlib.Path(str(args.config)).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.config is None and not args.resume:
+        print("error: --config is required (or --resume with --out RUN_DIR)", file=sys.stderr)
+        return 2
+    if args.config is None and args.out is None:
+        print("error: --resume without --config needs --out RUN_DIR", file=sys.stderr)
+        return 2
+    stem = pathlib.Path(str(args.config)).stem if args.config else "run"
+    out = args.out or f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"[skymodel fit] run directory {out}", flush=True)
     built, posterior = run_fit(
-        args.config, out, method=args.method, resume=args.resume, progress=not args.no_progress, **_overrides(args)
+        args.config, out, method=args.method, resume=args.resume, progress=not args.no_progress,
+        neutra=args.neutra, **_overrides(args)
     )
     print(posterior.summary())
-    print(f"\nposterior saved in {out}/posterior (wall time {posterior.wall_time:.1f} s)")
+    print(f"\nposterior saved in {out}/posterior (wall time {posterior.wall_time:.1f} s); "
+          f"analyse it with: skymodel report {out}")
     return 0
 
 
 def cmd_report(args) -> int:
-    from skymodel.inference import Posterior
+    from skymodel.analysis import report
 
-    run = pathlib.Path(args.run_dir)
-    if not (run / "posterior").exists():
-        print(f"error: {run} has no saved posterior (expected {run}/posterior)", file=sys.stderr)
-        return 2
-    post = Posterior.load(run / "posterior")
-    print(post.summary())
+    rep = report(args.run_dir, out=args.out, compare=args.compare, num=args.num, seed=args.seed,
+                 smooth_deg=args.smooth, progress=True)
+    print(rep.text)
+    where = args.out or f"{args.run_dir}/report"
+    print(f"wrote {len(rep.files)} files to {where}")
     return 0
 
 
@@ -96,25 +129,58 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", default="demo", help="demo config (default: the packaged 'demo')")
     d.add_argument("--steps", type=int, default=None, help="SVI steps (default: the config's)")
     d.add_argument("--samples", type=int, default=None, help="posterior samples to draw")
-    d.add_argument("--guide", default=None, help="iaf | mvn | normal")
+    d.add_argument("--guide", choices=["iaf", "bnaf", "mvn", "normal"], default=None)
     d.add_argument("--seed", type=int, default=None)
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
 
-    f = sub.add_parser("fit", help="fit a model described by a TOML config")
-    f.add_argument("--config", required=True, help="path to a TOML config or a packaged config name")
+    f = sub.add_parser(
+        "fit", help="fit a model described by a TOML config",
+        description="Fit a model described by a TOML config. Options override the config's "
+                    "[inference] table. Ctrl-C saves a checkpoint; --resume continues it.",
+    )
+    f.add_argument("--config", default=None,
+                   help="path to a TOML config or a packaged config name (optional with --resume)")
     f.add_argument("--out", default=None, help="run directory (default: runs/<config>-<time>)")
     f.add_argument("--method", choices=["svi", "nuts", "map"], default=None)
-    f.add_argument("--steps", type=int, default=None)
-    f.add_argument("--samples", type=int, default=None)
-    f.add_argument("--guide", default=None)
+    f.add_argument("--resume", action="store_true",
+                   help="continue the SVI run in --out from its checkpoint")
     f.add_argument("--seed", type=int, default=None)
-    f.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     f.add_argument("--no-progress", action="store_true")
+    g = f.add_argument_group("SVI")
+    g.add_argument("--guide", choices=["iaf", "bnaf", "mvn", "normal"], default=None)
+    g.add_argument("--steps", type=int, default=None, help="optimisation steps")
+    g.add_argument("--samples", type=int, default=None, help="posterior draws from the guide (default 50000)")
+    g.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    g.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None)
+    g.add_argument("--particles", type=int, default=None, help="ELBO particles")
+    g.add_argument("--flows", type=int, default=None, help="number of flows (iaf, bnaf)")
+    g.add_argument("--hidden", default=None,
+                   help="comma-separated hidden sizes (iaf: units, e.g. 128,128; bnaf: factors, e.g. 8,8)")
+    g.add_argument("--beta0", type=float, default=None,
+                   help="initial likelihood temperature for tempering (0 < beta0 <= 1)")
+    g.add_argument("--temper-steps", type=int, default=None,
+                   help="steps over which the temperature rises from beta0 to 1 (0: no tempering)")
+    g.add_argument("--temper-schedule", choices=["geometric", "linear"], default=None)
+    g.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    n = f.add_argument_group("NUTS")
+    n.add_argument("--neutra", default=None, metavar="RUN_DIR",
+                   help="NeuTra: reparameterise NUTS with the guide of this SVI run")
+    n.add_argument("--warmup", type=int, default=None)
+    n.add_argument("--nuts-samples", type=int, default=None, help="samples per chain")
+    n.add_argument("--chains", type=int, default=None)
+    n.add_argument("--target-accept", type=float, default=None)
+    n.add_argument("--chain-method", choices=["sequential", "parallel", "vectorized"], default=None)
     f.set_defaults(func=cmd_fit)
 
-    r = sub.add_parser("report", help="summarise a saved run")
+    r = sub.add_parser("report", help="analyse a saved run: plots and summary.txt")
     r.add_argument("run_dir")
+    r.add_argument("--compare", default=None, metavar="OTHER_RUN",
+                   help="another run of the same model to overlay (e.g. NUTS vs SVI)")
+    r.add_argument("--out", default=None, help="output directory (default RUN_DIR/report)")
+    r.add_argument("--num", type=int, default=500, help="posterior samples used for fluxes, maps, bands")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--smooth", type=float, default=1.0, help="map smoothing FWHM in degrees (0: none)")
     r.set_defaults(func=cmd_report)
 
     c = sub.add_parser("configs", help="list packaged configs")
@@ -129,6 +195,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: checkpoints and saved results are kept; rerun with --resume", file=sys.stderr)
         return 130
+    except FloatingPointError as e:  # NonFiniteLossError
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
