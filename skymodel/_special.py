@@ -265,7 +265,10 @@ def _gamma_ppf(u, alpha):
     def newton(_, t):
         x = jnp.exp(t)
         xpdf = jnp.exp(alpha * t - x - lgam)  # x * density
-        step = (gammainc(alpha, x) - u) / jnp.where(xpdf > 0, xpdf, 1.0)
+        # P(a, x) - u, as (1 - u) - Q(a, x) in the upper half (1 - u is exact there, so the
+        # residual keeps full relative precision as u -> 1)
+        resid = jnp.where(u > 0.5, (1.0 - u) - gammaincc(alpha, x), gammainc(alpha, x) - u)
+        step = resid / jnp.where(xpdf > 0, xpdf, 1.0)
         step = jnp.where(xpdf > 0, step, 0.0)
         return t - jnp.clip(step, -1.0, 1.0)
 

@@ -10,7 +10,11 @@ jax.config.update("jax_enable_x64", True)
 
 from jaxtyping import install_import_hook  # noqa: E402
 
-with install_import_hook("skymodel", "beartype.beartype"):
+# PEP 484's numeric tower: an int is a valid `float` argument (Uniform(0, 2)), as every
+# static type checker treats it; beartype needs to be told.
+with install_import_hook(
+    "skymodel", "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))"
+):
     import skymodel  # noqa: F401,E402
 
 import pytest  # noqa: E402
