@@ -10,6 +10,14 @@ use the same function. Parameter specs accept:
     { loguniform = [low, high] }
     { normal = [loc, scale] }
 
+Point-source morphologies of kind "template" may set `divide_by_exposure = true`
+(template / (exposure / mean exposure), NPTFit's PS templates) with `exposure_mean =
+"roi"` (default: mean over the analysis pixels) or "sky" (full-sky mean, as NPTFit's
+examples do). Components take `normalise = false` to use a template as given (no
+rescaling to mean 1). The [psf] table takes model = "none" | "gaussian" (sigma_deg) |
+"fermi_2gev" | "irf", and the PSF-correction settings n_sources, n_points, num_f_bins,
+f_trunc, seed, binning ("log" | "linear") and renormalise (see `PSFCorrection.compute`).
+
 See `skymodel/configs/*.toml` for complete examples.
 """
 
@@ -180,12 +188,19 @@ def build_psf(cfg: Mapping, nside: int, *, data_dir: pathlib.Path | None = None)
         )
     else:
         raise ConfigError(f"[psf]: unknown model {model!r} (none, gaussian, fermi_2gev, irf)")
+    binning = str(spec.get("binning", "log"))
+    if binning not in ("log", "linear"):
+        raise ConfigError(f"[psf]: binning must be 'log' or 'linear', got {binning!r}")
     corr = psfmod.PSFCorrection.compute(
         psf_model,
         nside,
+        n_sources=int(spec.get("n_sources", 10_000)),
+        n_points=int(spec.get("n_points", 1024)),
         num_f_bins=int(spec.get("num_f_bins", 10)),
         f_trunc=float(spec.get("f_trunc", 0.01)),
         seed=int(spec.get("seed", 0)),
+        binning=binning,
+        renormalise=bool(spec.get("renormalise", False)),
     )
     return psf_model, corr
 
@@ -232,6 +247,22 @@ def _gce_morphology(spec: Mapping, dataset, roi, where: str, *, exposure_weighte
     return M.Blend(bulge, nfw, fraction)
 
 
+def _exposure_rescale(dataset, roi, mean: str, where: str) -> np.ndarray:
+    """exposure / mean exposure, full sky (12 nside^2,), dimensionless.
+
+    mean = "roi": mean over the ROI's analysis pixels; "sky": mean over the full sky
+    (NPTFit's examples: `rescale = fermi_exposure / np.mean(fermi_exposure)`).
+    """
+    exp = np.asarray(dataset.exposure, dtype=float)
+    if mean == "roi":
+        ref = np.mean(exp[np.asarray(roi.pixels)])
+    elif mean == "sky":
+        ref = np.mean(exp)
+    else:
+        raise ConfigError(f"{where}: exposure_mean must be 'roi' or 'sky', got {mean!r}")
+    return exp / ref
+
+
 def _ps_morphology(spec: Mapping, dataset, roi, where: str):
     from skymodel.components import morphology as M
 
@@ -246,8 +277,9 @@ def _ps_morphology(spec: Mapping, dataset, roi, where: str):
     if kind == "template":
         sky = np.asarray(_template(dataset, _require(spec, "template", where), where), dtype=float)
         if spec.get("divide_by_exposure", False):
-            exp = np.asarray(dataset.exposure, dtype=float)
-            sky = sky / (exp / np.mean(exp[np.asarray(roi.pixels)]))
+            sky = sky / _exposure_rescale(dataset, roi, spec.get("exposure_mean", "roi"), where)
+        elif "exposure_mean" in spec:
+            raise ConfigError(f"{where}: exposure_mean is only used with divide_by_exposure = true")
         return M.TemplateMap.from_sky(sky, roi)
     if kind == "isotropic":
         return M.TemplateMap.from_sky(np.ones_like(np.asarray(dataset.exposure, dtype=float)), roi)
