@@ -1,9 +1,9 @@
 """The `skymodel` command (also `python -m skymodel`).
 
   skymodel demo [--out DIR] [--steps N]        simulate a sky with known truth, fit it, report
-  skymodel fit --config FILE|NAME [--out DIR] [--method svi|nuts|map] [--steps N] [--resume]
+  skymodel fit --config FILE|NAME [--out DIR] [--method svi|nuts|map|nested] [--steps N] [--resume]
                [--guide iaf|bnaf|mvn|normal] [--beta0 B --temper-steps N] [--neutra RUN_DIR] ...
-  skymodel fit --out RUN_DIR --resume          continue an interrupted SVI run
+  skymodel fit --out RUN_DIR --resume          continue an interrupted SVI or nested run
   skymodel report RUN_DIR [--compare OTHER]    plots and summary.txt of a saved run
   skymodel configs                             list the packaged configs
 """
@@ -35,6 +35,10 @@ _OVERRIDES = {
     "chains": "num_chains",
     "target_accept": "target_accept",
     "chain_method": "chain_method",
+    "nlive": "nlive",
+    "dlogz": "dlogz",
+    "nested_backend": "nested_backend",
+    "maxcall": "maxcall",
 }
 
 
@@ -142,9 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--config", default=None,
                    help="path to a TOML config or a packaged config name (optional with --resume)")
     f.add_argument("--out", default=None, help="run directory (default: runs/<config>-<time>)")
-    f.add_argument("--method", choices=["svi", "nuts", "map"], default=None)
+    f.add_argument("--method", choices=["svi", "nuts", "map", "nested"], default=None)
     f.add_argument("--resume", action="store_true",
-                   help="continue the SVI run in --out from its checkpoint")
+                   help="continue the SVI or nested-sampling run in --out from its checkpoint")
     f.add_argument("--seed", type=int, default=None)
     f.add_argument("--no-progress", action="store_true")
     g = f.add_argument_group("SVI")
@@ -171,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--chains", type=int, default=None)
     n.add_argument("--target-accept", type=float, default=None)
     n.add_argument("--chain-method", choices=["sequential", "parallel", "vectorized"], default=None)
+    ns = f.add_argument_group("nested sampling")
+    ns.add_argument("--nlive", type=int, default=None, help="live points (default 500)")
+    ns.add_argument("--dlogz", type=float, default=None, help="stopping tolerance on ln Z (default 0.1)")
+    ns.add_argument("--nested-backend", choices=["auto", "dynesty", "multinest"], default=None)
+    ns.add_argument("--maxcall", type=int, default=None, help="cap on likelihood calls")
     f.set_defaults(func=cmd_fit)
 
     r = sub.add_parser("report", help="analyse a saved run: plots and summary.txt")

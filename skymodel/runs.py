@@ -16,7 +16,7 @@ A run directory holds everything needed to reproduce, resume or analyse the run:
   summary.txt        parameter table (median, 68% and 95% intervals; R-hat, ESS for NUTS)
 
 The [inference] table of a config (all keys optional):
-  method            "svi" (default), "nuts" or "map"
+  method            "svi" (default), "nuts", "map" or "nested"
   seed              PRNG seed (default 0)
   SVI: guide ("iaf", "bnaf", "mvn", "normal"), num_steps, learning_rate, lr_schedule
     ("constant" or "cosine"), clip_norm, num_particles, num_flows, hidden_dims (iaf),
@@ -25,6 +25,10 @@ The [inference] table of a config (all keys optional):
     draws from the guide, default 50,000)
   NUTS: num_warmup, nuts_samples (per chain), num_chains, target_accept, dense_mass,
     max_tree_depth, chain_method, init ("median" or "map"), map_steps
+  nested sampling (skymodel.inference.nested): nlive, dlogz, nested_backend ("auto",
+    "dynesty", "multinest"), nested_sample ("auto", "unif", "rwalk", ...), maxcall; the
+    sampler's state is checkpointed to nested_checkpoint.pkl (dynesty) or nested_multinest/
+    and `resume` continues it
 """
 
 from __future__ import annotations
@@ -55,7 +59,9 @@ NUTS_KEYS = (
     "num_warmup", "nuts_samples", "num_samples_nuts", "num_chains", "target_accept", "dense_mass",
     "max_tree_depth", "chain_method", "init", "map_steps",
 )
-INFERENCE_KEYS = ("method", "seed") + SVI_KEYS + NUTS_KEYS
+NESTED_KEYS = ("nlive", "dlogz", "nested_backend", "nested_sample", "maxcall")
+INFERENCE_KEYS = ("method", "seed") + SVI_KEYS + NUTS_KEYS + NESTED_KEYS
+METHODS = ("svi", "nuts", "map", "nested")
 
 DEFAULTS: dict[str, Any] = {
     "method": "svi",
@@ -84,6 +90,11 @@ DEFAULTS: dict[str, Any] = {
     "chain_method": None,
     "init": "median",
     "map_steps": 2000,
+    "nlive": 500,
+    "dlogz": 0.1,
+    "nested_backend": "auto",
+    "nested_sample": "auto",
+    "maxcall": None,
 }
 
 
@@ -190,8 +201,8 @@ def inference_settings(cfg: Mapping, overrides: Mapping[str, Any] | None = None)
             source = dict(source)
             inf["nuts_samples"] = source.pop("num_samples_nuts")
         inf.update({k: v for k, v in source.items() if k != "num_samples_nuts"})
-    if inf["method"] not in ("svi", "nuts", "map"):
-        raise C.ConfigError(f"[inference].method must be 'svi', 'nuts' or 'map', got {inf['method']!r}")
+    if inf["method"] not in METHODS:
+        raise C.ConfigError(f"[inference].method must be one of {METHODS}, got {inf['method']!r}")
     if inf["lr_schedule"] not in ("constant", "cosine"):
         raise C.ConfigError(f"[inference].lr_schedule must be 'constant' or 'cosine', got {inf['lr_schedule']!r}")
     return inf
@@ -313,6 +324,26 @@ def _map(built, inf: Mapping):
                      diagnostics={"final_loss": float(res.losses[-1])})
 
 
+def _nested(built, inf: Mapping, out: pathlib.Path, resume: bool, progress: bool):
+    from skymodel.inference.nested import run_nested
+
+    backend = str(inf["nested_backend"])
+    checkpoint = out / ("nested_multinest" if backend == "multinest" else "nested_checkpoint.pkl")
+    return run_nested(
+        built.sky,
+        built.observation,
+        backend=backend,
+        nlive=int(inf["nlive"]),
+        dlogz=float(inf["dlogz"]),
+        seed=int(inf["seed"]),
+        progress=progress,
+        checkpoint_path=checkpoint,
+        resume=resume,
+        sample=str(inf["nested_sample"]),
+        maxcall=None if inf["maxcall"] is None else int(inf["maxcall"]),
+    )
+
+
 def run_fit(
     config,
     out_dir: str | os.PathLike,
@@ -328,8 +359,9 @@ def run_fit(
 
     config: a config dict, a TOML path or a packaged config name; None with `resume=True`
       reuses the run directory's config.toml and its recorded overrides.
-    method: "svi", "nuts" or "map" (default: the config's [inference].method).
-    resume: continue an SVI run from `out_dir`/checkpoint.npz (NUTS runs restart).
+    method: "svi", "nuts", "map" or "nested" (default: the config's [inference].method).
+    resume: continue an SVI run from `out_dir`/checkpoint.npz, or a nested-sampling run
+      from its sampler checkpoint (NUTS runs restart).
     neutra: for NUTS, an SVI run directory (or guide_params.npz) whose guide
       reparameterises the sampler (NeuTra).
     callback: SVI only, `callback(step, chunk_losses)` after each jitted chunk.
@@ -350,12 +382,12 @@ def run_fit(
     overrides = {k: v for k, v in overrides.items() if v is not None}
     inf = inference_settings(cfg, overrides)
     method = method or inf["method"]
-    if method not in ("svi", "nuts", "map"):
-        raise ValueError(f"unknown method {method!r} (svi, nuts, map)")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} {METHODS}")
     if neutra is not None and method != "nuts":
         raise ValueError(f"neutra reparameterises NUTS; it cannot be used with method {method!r}")
-    if resume and method != "svi":
-        raise ValueError(f"resume applies to SVI runs (checkpoints); method is {method!r}")
+    if resume and method not in ("svi", "nested"):
+        raise ValueError(f"resume applies to SVI and nested-sampling runs (checkpoints); method is {method!r}")
     out.mkdir(parents=True, exist_ok=True)
     if config is not None:
         _write_config(cfg, out, {**overrides, "method": method})
@@ -371,6 +403,8 @@ def run_fit(
             posterior = _svi(built, inf, out, resume, progress, callback)
         elif method == "nuts":
             posterior = _nuts(built, inf, out, progress, neutra)
+        elif method == "nested":
+            posterior = _nested(built, inf, out, resume, progress)
         else:
             posterior = _map(built, inf)
     except KeyboardInterrupt:
