@@ -112,8 +112,13 @@ def _cf_upper(a, y):
     y_inf = jnp.isinf(y)
     ys = jnp.where(y_inf, Y_SPLIT, y)
     t = jnp.zeros(jnp.broadcast_shapes(jnp.shape(a), jnp.shape(ys)), dtype=jnp.float64)
-    for k in range(CF_TERMS, 0, -1):
-        t = k * (k - a) / (ys + (2 * k + 1) - a - t)
+
+    def term(i, t):  # k = CF_TERMS - i, from the tail of the fraction inwards
+        k = (CF_TERMS - i).astype(jnp.float64)
+        return k * (k - a) / (ys + (2.0 * k + 1.0) - a - t)
+
+    # a loop, not unrolled: the unrolled fraction (and its gradient) dominated compile time
+    t = jax.lax.fori_loop(0, CF_TERMS, term, t)
     val = jnp.exp(a * jnp.log(ys) - ys) / (ys + 1.0 - a - t)
     return jnp.where(y_inf, 0.0, val)
 

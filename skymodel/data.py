@@ -28,6 +28,7 @@ import equinox as eqx
 import healpy as hp
 import numpy as np
 
+from skymodel.cache import cache_dir  # reprojected maps are cached there
 from skymodel._types import Bool, Float
 from skymodel.healpix import (
     band_mask,
@@ -191,10 +192,6 @@ def _readonly(m: np.ndarray) -> np.ndarray:
 # Cartesian FITS -> HEALPix
 
 
-def cache_dir() -> pathlib.Path:
-    """Directory for cached reprojected maps: $SKYMODEL_CACHE or ~/.cache/skymodel."""
-    root = os.environ.get("SKYMODEL_CACHE")
-    return pathlib.Path(root) if root else pathlib.Path.home() / ".cache" / "skymodel"
 
 
 def _car_image(path_or_hdu: Any) -> tuple[np.ndarray, Any, str]:

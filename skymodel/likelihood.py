@@ -422,6 +422,35 @@ def _population_terms(scf, f, weights, m_max: int, ratios):
     return jax.vmap(one)(ratios)
 
 
+def _stackable(scfs):
+    """The SCFs as one batched SCF (leading axis = population) when they share a structure
+    (same number of breaks; max_index unified to the largest, which stays exact), else None."""
+    from skymodel.scf import BrokenPowerLaw
+
+    if len(scfs) < 2 or any(type(s) is not BrokenPowerLaw for s in scfs):
+        return None
+    bounds = [s.max_index for s in scfs]
+    if any(b is None for b in bounds) and not all(b is None for b in bounds):
+        return None
+    if bounds[0] is not None:
+        scfs = [BrokenPowerLaw(s.A, s.indices, s.breaks, max_index=max(bounds)) for s in scfs]
+    leaves = [jax.tree.flatten(s) for s in scfs]
+    if any(t != leaves[0][1] or [jnp.shape(x) for x in ls] != [jnp.shape(x) for x in leaves[0][0]]
+           for ls, t in leaves):
+        return None
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *scfs)
+
+
+def _all_population_terms(scfs, f, weights, m_max: int, ratios):
+    """x_m (npop, nregion, m_max) and totals (npop, nregion). Populations of the same SCF
+    structure are evaluated in one vmapped call (compiled once, not once per population)."""
+    stacked = _stackable(scfs)
+    if stacked is not None:
+        return jax.vmap(lambda s: _population_terms(s, f, weights, m_max, ratios))(stacked)
+    terms = [_population_terms(scf, f, weights, m_max, ratios) for scf in scfs]
+    return jnp.stack([t[0] for t in terms]), jnp.stack([t[1] for t in terms])
+
+
 def nptf_loglike(
     counts: Real[ArrayLike, " npix"],
     mu: Float[ArrayLike, " npix"],
@@ -486,13 +515,7 @@ def nptf_loglike(
         region = _check(region, (region < 0) | (region >= ratios.shape[0]),
                         f"exposure region index out of range [0, {ratios.shape[0]})")
     m_max = max(plan.k_max, 1)
-    X, Xtot = [], []
-    for scf in scfs:
-        xm, tot = _population_terms(scf, f, weights, m_max, ratios)
-        X.append(xm)
-        Xtot.append(tot)
-    X = jnp.stack(X)  # (npop, nregion, m_max)
-    Xtot = jnp.stack(Xtot)  # (npop, nregion)
+    X, Xtot = _all_population_terms(scfs, f, weights, m_max, ratios)  # (npop, nregion, m_max), (npop, nregion)
     mu = _validate(mu, [
         ((mu < 0) | ~jnp.isfinite(mu), "mu must be finite and >= 0"),
         ((ps_templates < 0) | ~jnp.isfinite(ps_templates), "ps_templates must be finite and >= 0"),

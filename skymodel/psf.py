@@ -600,10 +600,9 @@ def psf_pixel_fractions(
 
 
 def _default_cache_dir() -> pathlib.Path:
-    env = os.environ.get("SKYMODEL_CACHE")
-    if env:
-        return pathlib.Path(env)
-    return pathlib.Path.home() / ".cache" / "skymodel"
+    from skymodel.cache import cache_dir
+
+    return cache_dir()
 
 
 _CACHE_VERSION = 1

@@ -142,6 +142,22 @@ def test_matches_mpmath_compound_poisson(psf):
     np.testing.assert_allclose(got, ref, rtol=1e-10)
 
 
+def test_populations_of_one_structure_are_batched_and_equal_the_loop(monkeypatch):
+    """Populations with the same number of breaks are evaluated as one vmapped SCF; the
+    result equals the population-by-population loop (used for mixed structures)."""
+    import skymodel.likelihood as L
+
+    counts, mu, T, region, ratios = _setup(n=14, kmax=22, seed=3)
+    same = [BrokenPowerLaw(0.3, [9.0, 1.5, -1.0], [12.0, 3.0], max_index=10.0),
+            BrokenPowerLaw(0.2, [6.0, 0.5, -2.0], [8.0, 2.0], max_index=12.0)]
+    assert L._stackable(same) is not None
+    assert L._stackable([SCF1, SCF2]) is None  # one and two breaks: the loop
+    batched = nptf_loglike(counts, mu, T, same, PSF_TABLE, (region, ratios))
+    monkeypatch.setattr(L, "_stackable", lambda scfs: None)
+    looped = nptf_loglike(counts, mu, T, same, PSF_TABLE, (region, ratios))
+    np.testing.assert_allclose(batched, looped, rtol=1e-13)
+
+
 def test_from_terms_matches_mpmath_random_x():
     rng = np.random.default_rng(7)
     n, M = 12, 30
