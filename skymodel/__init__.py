@@ -36,7 +36,6 @@ from skymodel.components import (  # noqa: E402
     mixture_component as mixture_component,
     template_component as template_component,
 )
-from skymodel.cache import enable_compilation_cache as enable_compilation_cache  # noqa: E402
 from skymodel.config import build as build_from_config, load_config as load_config  # noqa: E402
 from skymodel.data import Dataset as Dataset, car_to_healpix as car_to_healpix  # noqa: E402
 from skymodel.inference import (  # noqa: E402

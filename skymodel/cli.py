@@ -199,9 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from skymodel.cache import enable_compilation_cache
-
-    enable_compilation_cache()  # later runs of the same model skip most of the compile time
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
