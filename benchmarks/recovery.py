@@ -34,7 +34,6 @@ import pathlib
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 
 import jax
@@ -47,6 +46,7 @@ import optax  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from skymodel import validation as V  # noqa: E402
+from skymodel._io import atomic_write  # noqa: E402
 from skymodel.inference import run_nuts, run_svi  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -129,18 +129,7 @@ def git_commit(path: str) -> str:
 
 
 def write_json(path: pathlib.Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: json.dump(obj, f, indent=1), binary=False)
 
 
 # ----------------------------------------------------------------------------- one fit

@@ -28,8 +28,8 @@ import equinox as eqx
 import healpy as hp
 import numpy as np
 
-from skymodel.cache import cache_dir  # reprojected maps are cached there
 from skymodel._types import Bool, Float
+from skymodel.cache import cache_dir  # reprojected maps are cached there
 from skymodel.healpix import (
     band_mask,
     check_nside,
@@ -190,8 +190,6 @@ def _readonly(m: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------
 # Cartesian FITS -> HEALPix
-
-
 
 
 def _car_image(path_or_hdu: Any) -> tuple[np.ndarray, Any, str]:

@@ -432,12 +432,10 @@ def _stackable(scfs):
     bounds = [s.max_index for s in scfs]
     if any(b is None for b in bounds) and not all(b is None for b in bounds):
         return None
+    if any(s.breaks.shape != scfs[0].breaks.shape for s in scfs):  # A, indices follow
+        return None
     if bounds[0] is not None:
         scfs = [BrokenPowerLaw(s.A, s.indices, s.breaks, max_index=max(bounds)) for s in scfs]
-    leaves = [jax.tree.flatten(s) for s in scfs]
-    if any(t != leaves[0][1] or [jnp.shape(x) for x in ls] != [jnp.shape(x) for x in leaves[0][0]]
-           for ls, t in leaves):
-        return None
     return jax.tree.map(lambda *xs: jnp.stack(xs), *scfs)
 
 

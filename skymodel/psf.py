@@ -40,6 +40,9 @@ import numpy as np
 import numpy.typing as npt
 
 from skymodel._types import Array, ArrayLike, Float, Real
+from skymodel.cache import (
+    cache_dir as _default_cache_dir,  # (compute() has a cache_dir argument)
+)
 
 __all__ = [
     "AbstractPSF",
@@ -597,12 +600,6 @@ def psf_pixel_fractions(
         frac = np.bincount(inv, weights=frac, minlength=len(uniq))
         s_idx, p_idx = uniq // npix, uniq % npix
     return s_idx, p_idx, frac
-
-
-def _default_cache_dir() -> pathlib.Path:
-    from skymodel.cache import cache_dir
-
-    return cache_dir()
 
 
 _CACHE_VERSION = 1

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from skymodel._io import atomic_write
+
 _FORMAT = "skymodel-posterior/1"
 
 
@@ -170,19 +172,8 @@ class Posterior:
         path.parent.mkdir(parents=True, exist_ok=True)
         header = json.dumps(self._header(), indent=1)
         if path.suffix == ".npz":
-            fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    np.savez(f, __header__=np.asarray(header),
-                             **{f"site:{k}": v for k, v in self.samples.items()})
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
-            return path
+            return atomic_write(path, lambda f: np.savez(
+                f, __header__=np.asarray(header), **{f"site:{k}": v for k, v in self.samples.items()}))
         if path.exists() and not (path / "posterior.json").exists():
             raise ValueError(f"{path} exists and is not a saved Posterior; refusing to overwrite")
         tmpdir = pathlib.Path(tempfile.mkdtemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent))

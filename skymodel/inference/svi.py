@@ -28,7 +28,6 @@ import functools
 import json
 import os
 import pathlib
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -54,6 +53,7 @@ from numpyro.infer.autoguide import (
 from numpyro.infer.initialization import init_to_median, init_to_value
 from numpyro.primitives import Messenger
 
+from skymodel._io import atomic_write
 from skymodel.inference._progress import format_loss, progress_bar
 from skymodel.inference.posterior import Posterior
 from skymodel.model import SkyModel, numpyro_model
@@ -244,17 +244,7 @@ def save_checkpoint(path, state, step: int, losses: np.ndarray, meta: dict) -> N
     arrays = {f"leaf_{i}": x for i, x in enumerate(leaves)}
     arrays["losses"] = np.asarray(losses, dtype=np.float64)
     arrays["meta"] = np.asarray(json.dumps(meta))
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_checkpoint(path, template_state, expect: dict | None = None):
@@ -600,16 +590,7 @@ def save_guide_params(path, result: SVIResult) -> pathlib.Path:
                 shapes=[list(np.shape(v)) for _, v in flat])
     arrays = {f"p{i}": np.asarray(v) for i, (_, v) in enumerate(flat)}
     arrays["meta"] = np.asarray(json.dumps(meta))
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_guide(sky: SkyModel, obs: Observation, path, seed: int = 0):
