@@ -15,8 +15,8 @@ NSIDE = 16
 NPIX = hp.nside2npix(NSIDE)
 EDGE = 1e-9  # radians: pixel centres this close to a boundary may go either way
 
-lons = st.floats(-180.0, 180.0, allow_nan=False)
-lats = st.floats(-90.0, 90.0, allow_nan=False)
+lons = st.floats(-180.0, 180.0, allow_nan=False, allow_subnormal=False)
+lats = st.floats(-90.0, 90.0, allow_nan=False, allow_subnormal=False)
 radii = st.floats(0.5, 179.0, allow_nan=False)
 fast = settings(max_examples=40, deadline=None)
 
@@ -84,7 +84,7 @@ def test_ring_mask_disc_matches_query_disc(l0, b0, r):
 
 
 @fast
-@given(lons, lats, radii, st.floats(0.0, 1.0))
+@given(lons, lats, radii, st.floats(0.0, 1.0, allow_subnormal=False))
 def test_ring_mask_annulus_matches_query_disc(l0, b0, r_out, frac):
     r_in = frac * r_out
     vec = hp.ang2vec(l0, b0, lonlat=True)
@@ -126,7 +126,7 @@ def test_lat_mask_matches_query_strip(b1, width):
 
 
 @fast
-@given(lons, st.floats(0.0, 400.0))
+@given(lons, st.floats(0.0, 400.0, allow_subnormal=False))
 def test_lon_mask_brute_force(lo, width):
     hi = lo + width
     lon = hp.pix2ang(NSIDE, np.arange(NPIX), lonlat=True)[0]  # [0, 360)
@@ -183,7 +183,7 @@ def test_ring_is_complement_of_point_disc(l0, b0, r):
 masks = st.builds(
     lambda seed, p: np.random.default_rng(seed).random(NPIX) < p,
     st.integers(0, 2**32 - 1),
-    st.floats(0.0, 1.0),
+    st.floats(0.0, 1.0, allow_subnormal=False),
 )
 
 

@@ -184,11 +184,12 @@ def test_batched_run_agrees(two, brute):
 # ---------------------------------------------------------------- (c) prior transform
 
 
-_unit = st.floats(0.0, 1.0, allow_nan=False)
+# XLA on CPU flushes subnormal floats to zero, so generated bounds stay normal numbers.
+_unit = st.floats(0.0, 1.0, allow_nan=False, allow_subnormal=False)
 
 
 @settings(max_examples=40, deadline=None)
-@given(lo=st.floats(-50, 50), width=st.floats(1e-3, 100), u=_unit)
+@given(lo=st.floats(-50, 50, allow_subnormal=False), width=st.floats(1e-3, 100), u=_unit)
 def test_uniform_transform_in_support(lo, width, u):
     p = Uniform(lo, lo + width)
     v = unit_transform(p)[0](jnp.asarray([u]))
@@ -220,7 +221,7 @@ _NORMAL = _single_site_transform(Normal(0.0, 1.0))
 
 
 @settings(max_examples=40, deadline=None)
-@given(loc=st.floats(-100, 100), scale=st.floats(1e-3, 100), u=_unit)
+@given(loc=st.floats(-100, 100, allow_subnormal=False), scale=st.floats(1e-3, 100), u=_unit)
 def test_normal_transform_finite_at_every_u(loc, scale, u):
     fn, site = _NORMAL
     z = float(fn(jnp.asarray([u]))[site])
