@@ -7,7 +7,8 @@
 A run directory holds everything needed to reproduce, resume or analyse the run:
   config.toml        the config text used (command-line overrides noted at the end)
   run.json           method, effective [inference] settings and overrides, status
-                     ("running", "interrupted", "failed", "done"), times
+                     ("running", "interrupted", "failed", "done"), times; wall_time is
+                     the total over all sessions (a resume adds to it)
   checkpoint.npz     SVI state, saved every `checkpoint_every` steps, at the end and on Ctrl-C
   losses.npy         SVI loss per step (negative ELBO, nats; tempered while annealing)
   guide_params.npz   the fitted guide (skymodel.inference.svi.load_guide rebuilds it)
@@ -219,6 +220,14 @@ def read_run(run_dir: str | os.PathLike) -> dict:
     return info
 
 
+def _previous_wall_time(out: pathlib.Path) -> float:
+    """Seconds already spent on the run in `out` (0 for a new run directory)."""
+    p = out / "run.json"
+    if not p.exists():
+        return 0.0
+    return float(json.loads(p.read_text()).get("wall_time") or 0.0)
+
+
 def _update_run(out: pathlib.Path, **fields) -> None:
     p = out / "run.json"
     info = json.loads(p.read_text()) if p.exists() else {"format": RUN_FORMAT}
@@ -391,12 +400,18 @@ def run_fit(
     out.mkdir(parents=True, exist_ok=True)
     if config is not None:
         _write_config(cfg, out, {**overrides, "method": method})
+    # wall_time in run.json is the total over all sessions of this run: a resume adds to it
+    before = _previous_wall_time(out) if resume else 0.0
     _update_run(
         out, format=RUN_FORMAT, method=method, inference=inf, overrides=overrides,
         config_source=cfg.get("_source", "<dict>"), neutra=None if neutra is None else str(neutra),
-        status="running", started=_now(), finished=None,
+        status="running", finished=None, **({"resumed": _now()} if before else {"started": _now()}),
     )
     t0 = time.perf_counter()
+
+    def elapsed():
+        return before + time.perf_counter() - t0
+
     try:
         built = C.build(cfg)
         if method == "svi":
@@ -408,12 +423,13 @@ def run_fit(
         else:
             posterior = _map(built, inf)
     except KeyboardInterrupt:
-        _update_run(out, status="interrupted", finished=_now())
+        _update_run(out, status="interrupted", finished=_now(), wall_time=elapsed())
         raise
     except BaseException as e:
-        _update_run(out, status="failed", error=f"{type(e).__name__}: {e}", finished=_now())
+        _update_run(out, status="failed", error=f"{type(e).__name__}: {e}", finished=_now(),
+                    wall_time=elapsed())
         raise
-    posterior.wall_time = time.perf_counter() - t0
+    posterior.wall_time = elapsed()
     posterior.metadata.update({"config": _config_text(cfg), "method": method, "inference": inf,
                                "run_dir": str(out)})
     posterior.save(out / "posterior")

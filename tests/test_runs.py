@@ -264,12 +264,16 @@ def test_interrupt_then_resume_from_run_dir(tiny_cfg, tmp_path):
         first = np.array(z["losses"])
         assert json.loads(str(z["meta"]))["step"] == 100
     assert first.shape == (100,)
+    spent = read_run(out)["wall_time"]
+    assert spent > 0
     # resume from the directory alone: config and overrides (num_steps=300) come from it
     _, post = run_fit(None, out, resume=True, progress=False)
     losses = np.load(out / "losses.npy")
     assert losses.shape == (300,)
     np.testing.assert_array_equal(losses[:100], first)
     assert read_run(out)["status"] == "done" and post.num_samples == 1000
+    # the run's wall time is the total of both sessions
+    assert read_run(out)["wall_time"] == pytest.approx(post.wall_time) and post.wall_time > spent
 
 
 def test_run_fit_argument_errors(tiny_cfg, tmp_path):
