@@ -4,9 +4,10 @@ ROI: r < 25 deg from the GC, |b| > 2 deg, 3FGL sources masked (0.8 deg). Cases: 
 populations, one and two breaks, delta and King PSF, 1 and 7 exposure regions. For each:
 compile time (first call), value time and value+grad time per evaluation (median of
 repeats, block_until_ready), with the data (counts, count plan, exposure regions, PSF
-table) constants of the compiled function as in a fit. A straightforward REFERENCE is measured in the same run: x_m
-by numerical S-grid integration (1,000 log-spaced points in S in [0.1, 100]) and the p_k
-recursion unrolled in Python up to k_max, jitted (as the paper's code does).
+table) constants of the compiled function as in a fit. A straightforward REFERENCE is
+measured in the same run: x_m by numerical S-grid integration (1,000 log-spaced points in S
+in [0.1, 100]) and the p_k recursion unrolled in Python up to k_max, jitted (as the paper's
+code does).
 
 Usage: SKYMODEL_DATA=/path/to/data python benchmarks/nptf_likelihood.py [--out FILE]
        [--repeats N] [--quick]

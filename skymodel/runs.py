@@ -220,14 +220,6 @@ def read_run(run_dir: str | os.PathLike) -> dict:
     return info
 
 
-def _previous_wall_time(out: pathlib.Path) -> float:
-    """Seconds already spent on the run in `out` (0 for a new run directory)."""
-    p = out / "run.json"
-    if not p.exists():
-        return 0.0
-    return float(json.loads(p.read_text()).get("wall_time") or 0.0)
-
-
 def _update_run(out: pathlib.Path, **fields) -> None:
     p = out / "run.json"
     info = json.loads(p.read_text()) if p.exists() else {"format": RUN_FORMAT}
@@ -401,7 +393,7 @@ def run_fit(
     if config is not None:
         _write_config(cfg, out, {**overrides, "method": method})
     # wall_time in run.json is the total over all sessions of this run: a resume adds to it
-    before = _previous_wall_time(out) if resume else 0.0
+    before = float(read_run(out).get("wall_time") or 0.0) if resume and (out / "run.json").exists() else 0.0
     _update_run(
         out, format=RUN_FORMAT, method=method, inference=inf, overrides=overrides,
         config_source=cfg.get("_source", "<dict>"), neutra=None if neutra is None else str(neutra),
