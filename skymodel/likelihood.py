@@ -13,11 +13,15 @@ x'_1 = mu + x_1 and x'_j = x_j (j >= 2),
     p_0 = exp(-mu - sum_m x_m),     p_k = (1/k) sum_{j=1}^{k} j x'_j p_{k-j}.
 
 Numerics:
-- *Scaled recursion.* The recursion is linear in p, so the history is kept relative to the
-  newest value (r_j = p_{k-j} / p_k) and its log scale is accumulated; nothing overflows and
-  all terms are positive. Ratios are capped at `_RATIO_CAP` (1e250), which only matters
-  when p_{k-j}/p_k exceeds it, i.e. x_j < k / (j 1e250): the value is then exact unless the
-  SCF terms jump by > 200 orders of magnitude between neighbouring m.
+- *Scaled recursion.* The recursion is linear in p, so the history is kept relative to a
+  running scale (normally the newest value, r_j = p_{k-j} / p_k) and its log scale is
+  accumulated; nothing overflows and all terms are positive. A rescale never pushes a
+  history entry that still has a non-zero weight in a later step (x_l > 0 for some lag
+  l it will be used at) above `_RATIO_CAP` (1e250): the scale is then raised above the
+  newest value instead, so the newest is stored below 1. Entries with no future weight
+  are clamped at the cap (they can no longer change any p_k). The values are therefore
+  exact to rounding unless the entries that still matter span more than ~1e550 (e.g.
+  x_1 < 1e-550 beside x_2 = 1), where the newest value underflows.
 - *Work proportional to sum_p k_p^2.* A `CountPlan` (built once, outside jit, from the
   observed counts) sorts pixels into a few static groups by count; each group runs its own
   `lax.scan` of length k_max(group) over its pixels.
@@ -224,8 +228,9 @@ def _recursion_chunk(mu, x, xtot, kp, with_ratio: bool):
 
     mu, xtot, kp: (c,); x: (c, K) with x[:, m-1] = x_m. Pixels lie along the last (fast)
     axis of the history h: (K+1, c), p_j = h[j] exp(logc) for j <= kp (later rows stay 0).
-    The history is rescaled (divided by the newest value, ratios capped at 1e250) only when
-    the newest value leaves [1e-100, 1e100], which real data almost never triggers.
+    The history is rescaled only when the newest value leaves [1e-100, 1e100], which real
+    data almost never triggers: divided by the newest value, or by max/1e250 of the
+    entries that still have a future weight where that is larger (module docstring).
     Returns log p_kp (c,) and, with `with_ratio`, ratio (K, c) = p_{kp-m}/p_kp, m = 1..K
     (0 for m > kp).
     """
@@ -234,6 +239,10 @@ def _recursion_chunk(mu, x, xtot, kp, with_ratio: bool):
     w = (x.at[:, 0].add(mu) * jnp.arange(1, K + 1, dtype=dt)).T  # (K, c): row j-1 = j x'_j
     # rw[K - k + i] = w_{k-i} (zero for k - i <= 0): the step-k weights are one slice.
     rw = jnp.concatenate([w[::-1], jnp.zeros((K + 1, c), dt)], axis=0)
+    # rws[K - k + i] = max_{l >= k + 1 - i} w_l (0 for i > k): entry i still has a weight
+    # in some step after k iff it is > 0.
+    ws = lax.cummax(w, axis=0, reverse=True)
+    rws = jnp.concatenate([jnp.zeros((1, c), dt), ws[::-1], jnp.zeros((K + 1, c), dt)], axis=0)
     h0 = jnp.zeros((K + 1, c), dt).at[0].set(1.0)
     logc0 = -mu - xtot
 
@@ -247,7 +256,9 @@ def _recursion_chunk(mu, x, xtot, kp, with_ratio: bool):
 
         def rescale(args):
             h, logc = args
-            d = jnp.where(out_of_range, v, 1.0)
+            live = lax.dynamic_slice_in_dim(rws, K - k, K + 1, axis=0) > 0
+            top = jnp.max(jnp.where(live, h, 0.0), axis=0, initial=0.0)
+            d = jnp.where(out_of_range, jnp.maximum(v, top / _RATIO_CAP), 1.0)
             return jnp.minimum(h / d, _RATIO_CAP), logc + jnp.log(d)
 
         h, logc = lax.cond(jnp.any(out_of_range), rescale, lambda a: a, (h, logc))
@@ -576,17 +587,22 @@ def pk_table(
     w = x.at[:, 0].add(mu) * jnp.arange(1, K + 1, dtype=jnp.float64) if K else x
     r0 = jnp.zeros((n, K + 1), jnp.float64).at[:, 0].set(1.0)
     logc0 = -mu - x_total
+    # r[:, j] = p_{k-j} / scale. Entry j moves to j + 1 and is next used with weight
+    # w_{j+2}, then w_{j+3}, ...: it still matters iff some w_l, l >= j + 2, is > 0.
+    ws = lax.cummax(w, axis=1, reverse=True) if K else w
+    live = jnp.pad(ws[:, 1:], ((0, 0), (0, 1))) > 0
 
     def step(carry, k):
         r, logc = carry
         v = jnp.sum(w * r[:, :K], axis=1) / k
         pos = v > 0
-        d = jnp.where(pos, v, 1.0)
-        head = jnp.where(pos, 1.0, 0.0)
+        top = jnp.max(jnp.where(live, r[:, :K], 0.0), axis=1, initial=0.0)
+        d = jnp.where(pos, jnp.maximum(v, top / _RATIO_CAP), 1.0)
+        head = jnp.where(pos, v / d, 0.0)
         tail = jnp.minimum(r[:, :K] / d[:, None], _RATIO_CAP)
         r = jnp.concatenate([head[:, None], tail], axis=1)
         logc = logc + jnp.log(d)
-        return (r, logc), jnp.where(pos, logc, -jnp.inf)
+        return (r, logc), jnp.where(head > 0, logc + jnp.log(jnp.where(head > 0, head, 1.0)), -jnp.inf)
 
     (_, _), logs = lax.scan(step, (r0, logc0), jnp.arange(1, K + 1, dtype=jnp.float64))
     out = jnp.concatenate([logc0[:, None], logs.T], axis=1)

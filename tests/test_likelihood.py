@@ -11,7 +11,7 @@ import mpmath as mp
 import numpy as np
 import pytest
 import scipy.stats
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from jax.test_util import check_grads
 
 from skymodel.likelihood import (
@@ -171,17 +171,19 @@ def test_from_terms_matches_mpmath_random_x():
     np.testing.assert_allclose(got, ref, rtol=1e-10)
 
 
-# Terms are 0 or >= 1e-200: the scaled recursion caps ratios p_{k-j}/p_k at 1e250
-# (module docstring), so terms > 200 orders of magnitude apart (e.g. mu = 1e-270 next to
-# x_2 = 1, found by hypothesis) lose mass; that documented limit is an open item of issue 3.
-_term = st.floats(0.0, 30.0, allow_subnormal=False).map(lambda v: v if v == 0.0 or v >= 1e-200 else 0.0)
+# Terms span the whole normal float range, so neighbouring terms can be ~300 orders of
+# magnitude apart (hypothesis once found mu = 1e-270 beside x_2 = 1 losing mass through a
+# ratio cap that the rescaling now avoids).
+_term = st.floats(0.0, 30.0, allow_subnormal=False)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     mu=_term,
     xs=st.lists(_term.map(lambda v: min(v, 3.0)), min_size=1, max_size=6),
 )
+@example(mu=1.06e-270, xs=[0.0, 1.0])
+@example(mu=0.0, xs=[1e-300, 0.0, 0.0, 2.5])
 def test_pk_table_normalised_and_mean(mu, xs):
     """Finite-support x: sum_k p_k = 1 and sum_k k p_k = mu + sum_m m x_m."""
     x = np.array(xs + [0.0] * (6 - len(xs)))
@@ -191,6 +193,24 @@ def test_pk_table_normalised_and_mean(mu, xs):
     np.testing.assert_allclose(tab.sum(), 1.0, rtol=1e-10)
     mean = mu + np.sum(np.arange(1, x.size + 1) * x)
     np.testing.assert_allclose(np.sum(np.arange(K + 1) * tab), mean, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mu", [1.06e-270, 1e-200, 1e-120])
+def test_far_apart_terms_match_convolution(mu):
+    """mu tiny beside x_2 = 1: p_k = sum_{a + 2b = k} Pois(a; mu) Pois(b; 1) (brute force in
+    log space); both the table and the grouped recursion, odd and even k."""
+    K = 60
+    x = np.array([0.0, 1.0])
+    tab = np.asarray(pk_table(jnp.array([mu]), jnp.asarray(x[None, :]), jnp.array([1.0]), K, log=True))[0]
+    ref = np.array([
+        float(mp.log(mp.fsum(mp.exp(-mp.mpf(mu)) * mp.mpf(mu) ** (k - 2 * b) / mp.factorial(k - 2 * b)
+                             * mp.exp(-1) / mp.factorial(b) for b in range(k // 2 + 1))))
+        for k in range(K + 1)
+    ])
+    np.testing.assert_allclose(tab, ref, rtol=1e-12)
+    ks = np.arange(K + 1)
+    got = np.asarray(nptf_loglike_from_terms(ks, np.full(K + 1, mu), np.tile(x, (K + 1, 1)), np.ones(K + 1)))
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
 
 
 def test_pk_table_log_matches_grouped_and_scipy():
