@@ -321,19 +321,23 @@ def _generating_terms(A, indices, breaks, f, weights, m_max: int, ratio, K: int)
         mm, am, Tm, Ud = inp
         a_prev = am - 1.0
         rec = (jnp.maximum(a_prev, 0.0) / mm) * U_prev + Tm
-        U = jnp.where(am <= 1.0, Ud, jnp.where(mm == 1.0, U1, rec))
-        return U, U
-
-    _, U = jax.lax.scan(up, jnp.zeros(y.shape), (m, a_full, T[:M], U_dir))
+        return jnp.where(am <= 1.0, Ud, jnp.where(mm == 1.0, U1, rec))
 
     def down_l(L_next, inp):
         mm, am, Tn = inp
         a_safe = jnp.where(am > 1.0, am, 2.0)
         rec = ((mm + 1.0) / a_safe) * (L_next + Tn)
-        L = jnp.where(am > 1.0, jnp.where(mm == M, LM, rec), 0.0)
-        return L, L
+        return jnp.where(am > 1.0, jnp.where(mm == M, LM, rec), 0.0)
 
-    _, L = jax.lax.scan(down_l, jnp.zeros(y.shape), (m, a_full, T[1:]), reverse=True)
+    def both(carry, inp):  # U upward in m and L downward, in one loop (half the steps)
+        U_prev, L_next = carry
+        U, L = up(U_prev, inp[0]), down_l(L_next, inp[1])
+        return (U, L), (U, L)
+
+    rev = (m[::-1], a_full[::-1], T[1:][::-1])
+    _, (U, L) = jax.lax.scan(both, (jnp.zeros(y.shape), jnp.zeros(y.shape)),
+                             ((m, a_full, T[:M], U_dir), rev))
+    L = L[::-1]
 
     # ---- combine per order and segment
     U_lo, U_hi = U[:, 0], jnp.where(y_inf[1], 0.0, U[:, 1])  # (M, nf, nseg)
