@@ -61,6 +61,9 @@ FIDUCIAL_LIKE_TRUTH: dict[str, float] = {
 
 #: the statistic added to the parameters in recovery tables
 GCE_PS_FRACTION = "f_ps(gce)"
+#: Mocks: sources below this many counts are simulated as a smooth map where the SCF has
+#: infinitely many faint sources (`Setup.mock`).
+FAINT_CUT = 0.01
 
 
 # ======================================================================================
@@ -354,14 +357,27 @@ class MockSetup:
             return {k: float(np.asarray(v)[0]) for k, v in draw.items()}
         raise ValueError(f'truth mode must be "fixed" or "prior", got {mode!r}')
 
-    def mock(self, truth: Mapping[str, float], seed: int) -> Mock:
+    def mock(self, truth: Mapping[str, float], seed: int, faint_cut: float = FAINT_CUT) -> Mock:
         """Simulate a mock sky at `truth` with PRNG seed `seed` (photons of point sources
-        scattered by the PSF, exposure per pixel) and wrap its counts in an Observation."""
+        scattered by the PSF, exposure per pixel) and wrap its counts in an Observation.
+
+        A population whose lowest SCF index is >= 1 has infinitely many faint sources: its
+        sources below `faint_cut` counts are then added as a smooth Poisson map of their
+        mean counts (`simulate(..., faint_as_smooth=True)`; the approximation is that such a
+        source gives at most one photon, P(>= 2 photons) = 5e-5 at S = 0.01). Populations
+        with a finite source number are simulated down to S = 0."""
+        from skymodel.components.base import AbstractPointSourcePopulation
         from skymodel.observation import Observation
         from skymodel.simulate import simulate
 
         sky_true = self.sky.with_values({k: float(v) for k, v in truth.items()})
-        sim = simulate(jax.random.PRNGKey(int(seed)), sky_true, self.roi, self.psf_model)
+        cuts = {}
+        for c in sky_true.components:
+            if isinstance(c, AbstractPointSourcePopulation):
+                lowest = float(np.asarray(c.source_count_function(self.roi).indices)[-1])
+                cuts[c.name] = float(faint_cut) if lowest >= 1.0 else 0.0
+        sim = simulate(jax.random.PRNGKey(int(seed)), sky_true, self.roi, self.psf_model,
+                       s_min=cuts, faint_as_smooth=True)
         obs = Observation(self.roi, np.asarray(sim.counts, dtype=np.float64), psf=self.psf_correction)
         return Mock(obs, sim, {k: float(v) for k, v in truth.items()}, int(seed))
 

@@ -164,6 +164,23 @@ def test_fiducial_like_setup_and_prior_truths():
     assert t1 != t2 and all(free[k].prior.contains(v) for k, v in t1.items())
 
 
+def test_mock_with_infinitely_many_faint_sources():
+    """A last index >= 1 (allowed by the fiducial priors) means infinitely many faint
+    sources: the mock simulates those above FAINT_CUT as sources and adds the rest as their
+    mean counts (the analytic missing fraction), instead of failing."""
+    setup = V.MockSetup.from_config(V.fiducial_like_config(16))
+    truth = setup.truth("fixed")
+    truth["dsk_ps.scf_parameters.indices.1"] = 1.5
+    mock = setup.mock(truth, seed=4)
+    pops = mock.simulation.populations
+    assert pops["dsk_ps"].s_min == V.FAINT_CUT and pops["gce_ps"].s_min == 0.0
+    scf = setup.sky.with_values(truth).component("dsk_ps").source_count_function(setup.roi)
+    from skymodel.simulate import missing_counts_fraction
+
+    assert 0.0 < pops["dsk_ps"].missing_fraction == pytest.approx(missing_counts_fraction(scf, V.FAINT_CUT))
+    assert np.all(np.isfinite(np.asarray(mock.observation.counts)))
+
+
 def test_scf_gradients_are_finite():
     """d A / d(first break) of the total-counts parameterisation is finite and matches
     finite differences (A = S_ps / mean counts per unit A)."""
