@@ -239,10 +239,10 @@ def _recursion_chunk(mu, x, xtot, kp, with_ratio: bool):
     w = (x.at[:, 0].add(mu) * jnp.arange(1, K + 1, dtype=dt)).T  # (K, c): row j-1 = j x'_j
     # rw[K - k + i] = w_{k-i} (zero for k - i <= 0): the step-k weights are one slice.
     rw = jnp.concatenate([w[::-1], jnp.zeros((K + 1, c), dt)], axis=0)
-    # rws[K - k + i] = max_{l >= k + 1 - i} w_l (0 for i > k): entry i still has a weight
-    # in some step after k iff it is > 0.
-    ws = lax.cummax(w, axis=0, reverse=True)
-    rws = jnp.concatenate([jnp.zeros((1, c), dt), ws[::-1], jnp.zeros((K + 1, c), dt)], axis=0)
+    # last non-zero weight lag: entry i still has a weight in some step after k iff
+    # k + 1 - i <= last
+    last = jnp.max(jnp.where(w > 0, jnp.arange(1, K + 1)[:, None], 0), axis=0, initial=0)
+    rows = jnp.arange(K + 1)[:, None]
     h0 = jnp.zeros((K + 1, c), dt).at[0].set(1.0)
     logc0 = -mu - xtot
 
@@ -256,7 +256,7 @@ def _recursion_chunk(mu, x, xtot, kp, with_ratio: bool):
 
         def rescale(args):
             h, logc = args
-            live = lax.dynamic_slice_in_dim(rws, K - k, K + 1, axis=0) > 0
+            live = rows >= k + 1 - last[None, :]
             top = jnp.max(jnp.where(live, h, 0.0), axis=0, initial=0.0)
             d = jnp.where(out_of_range, jnp.maximum(v, top / _RATIO_CAP), 1.0)
             return jnp.minimum(h / d, _RATIO_CAP), logc + jnp.log(d)
@@ -589,8 +589,8 @@ def pk_table(
     logc0 = -mu - x_total
     # r[:, j] = p_{k-j} / scale. Entry j moves to j + 1 and is next used with weight
     # w_{j+2}, then w_{j+3}, ...: it still matters iff some w_l, l >= j + 2, is > 0.
-    ws = lax.cummax(w, axis=1, reverse=True) if K else w
-    live = jnp.pad(ws[:, 1:], ((0, 0), (0, 1))) > 0
+    last = jnp.max(jnp.where(w > 0, jnp.arange(1, K + 1)[None, :], 0), axis=1, initial=0)
+    live = jnp.arange(K)[None, :] + 2 <= last[:, None]
 
     def step(carry, k):
         r, logc = carry
