@@ -223,6 +223,13 @@ def count_plan(
 # The scaled recursion
 
 
+def _last_weighted_lag(w, axis: int):
+    """Largest lag j (1-based along `axis`) with w_j > 0, 0 if none: a history entry that
+    will next be used at a lag beyond it no longer changes any p_k."""
+    lags = jnp.expand_dims(jnp.arange(1, w.shape[axis] + 1), 1 - axis)
+    return jnp.max(jnp.where(w > 0, lags, 0), axis=axis, initial=0)
+
+
 def _recursion_chunk(mu, x, xtot, kp, with_ratio: bool):
     """The recursion for one chunk of pixels; pixel i stops after kp[i] steps.
 
@@ -239,9 +246,8 @@ def _recursion_chunk(mu, x, xtot, kp, with_ratio: bool):
     w = (x.at[:, 0].add(mu) * jnp.arange(1, K + 1, dtype=dt)).T  # (K, c): row j-1 = j x'_j
     # rw[K - k + i] = w_{k-i} (zero for k - i <= 0): the step-k weights are one slice.
     rw = jnp.concatenate([w[::-1], jnp.zeros((K + 1, c), dt)], axis=0)
-    # last non-zero weight lag: entry i still has a weight in some step after k iff
-    # k + 1 - i <= last
-    last = jnp.max(jnp.where(w > 0, jnp.arange(1, K + 1)[:, None], 0), axis=0, initial=0)
+    # entry i still has a weight in some step after k iff k + 1 - i <= last
+    last = _last_weighted_lag(w, axis=0)
     rows = jnp.arange(K + 1)[:, None]
     h0 = jnp.zeros((K + 1, c), dt).at[0].set(1.0)
     logc0 = -mu - xtot
@@ -589,8 +595,7 @@ def pk_table(
     logc0 = -mu - x_total
     # r[:, j] = p_{k-j} / scale. Entry j moves to j + 1 and is next used with weight
     # w_{j+2}, then w_{j+3}, ...: it still matters iff some w_l, l >= j + 2, is > 0.
-    last = jnp.max(jnp.where(w > 0, jnp.arange(1, K + 1)[None, :], 0), axis=1, initial=0)
-    live = jnp.arange(K)[None, :] + 2 <= last[:, None]
+    live = jnp.arange(K)[None, :] + 2 <= _last_weighted_lag(w, axis=1)[:, None]
 
     def step(carry, k):
         r, logc = carry

@@ -162,6 +162,12 @@ def missing_counts_fraction(scf, s_min: float) -> float:
     return float(scf_integral(scf, 1, 0.0, s_min) / total)
 
 
+def finite_source_number(scf) -> bool:
+    """Whether the SCF has finitely many sources down to S = 0 (lowest index < 1), so that
+    `s_min = 0` is allowed."""
+    return float(np.asarray(scf.indices)[-1]) < 1.0
+
+
 def _segment_weights(scf, s_min: float) -> tuple[np.ndarray, ...]:
     C, ref, lo, hi, n = _segments(*scf_arrays(scf))
     lo = np.maximum(lo, s_min)

@@ -368,14 +368,13 @@ class MockSetup:
         with a finite source number are simulated down to S = 0."""
         from skymodel.components.base import AbstractPointSourcePopulation
         from skymodel.observation import Observation
-        from skymodel.simulate import simulate
+        from skymodel.simulate import finite_source_number, simulate
 
         sky_true = self.sky.with_values({k: float(v) for k, v in truth.items()})
-        cuts = {}
-        for c in sky_true.components:
-            if isinstance(c, AbstractPointSourcePopulation):
-                lowest = float(np.asarray(c.source_count_function(self.roi).indices)[-1])
-                cuts[c.name] = float(faint_cut) if lowest >= 1.0 else 0.0
+        cuts = {
+            c.name: 0.0 if finite_source_number(c.source_count_function(self.roi)) else float(faint_cut)
+            for c in sky_true.components if isinstance(c, AbstractPointSourcePopulation)
+        }
         sim = simulate(jax.random.PRNGKey(int(seed)), sky_true, self.roi, self.psf_model,
                        s_min=cuts, faint_as_smooth=True)
         obs = Observation(self.roi, np.asarray(sim.counts, dtype=np.float64), psf=self.psf_correction)
