@@ -22,9 +22,11 @@ Numerics:
   are clamped at the cap (they can no longer change any p_k). The values are therefore
   exact to rounding unless the entries that still matter span more than ~1e550 (e.g.
   x_1 < 1e-550 beside x_2 = 1), where the newest value underflows.
-- *Work proportional to sum_p k_p^2.* A `CountPlan` (built once, outside jit, from the
-  observed counts) sorts pixels into a few static groups by count; each group runs its own
-  `lax.scan` of length k_max(group) over its pixels.
+- *Work proportional to sum_p k_p^2, k_max sequential steps.* A `CountPlan` (built once,
+  outside jit, from the observed counts) sorts pixels into a few static groups by count,
+  K_1 < ... < K_G. The recursion runs in phases: phase g takes steps K_{g-1}+1..K_g for
+  the pixels of groups g..G (history of K_g + 1 rows), after which group g is finished and
+  leaves. Sequential steps: k_max in all; a pixel costs about k_p^2 history updates.
 - *Cheap exact gradient* (`jax.custom_vjp`): d log p_k / d x_m = p_{k-m}/p_k (m <= k, from
   the recursion) and -1 through p_0; d log p_k / d mu = p_{k-1}/p_k - 1. The forward pass
   ends holding exactly these ratios, so the backward pass is O(n_pix k) and stores no scan
@@ -46,11 +48,11 @@ from skymodel._types import Array, ArrayLike, Float, Int, Real
 _RATIO_CAP = 1e250
 _HI = 1e100
 _LO = 1e-100
-_CHUNK_ELEMS = 8192
-# Cost model for choosing the count groups: time of one scan step ~ _STEP_OVERHEAD
-# element-updates (loop overhead on CPU), plus one update per pixel and history entry.
-_STEP_OVERHEAD = 4000.0
-_MAX_GROUPS = 8
+# Cost model for choosing the count groups (phases of the recursion): one update per pixel,
+# history entry and step, plus _PHASE_OVERHEAD updates per phase (its start-up and, mostly,
+# its share of the compile time).
+_PHASE_OVERHEAD = 100_000.0
+_MAX_GROUPS = 6
 
 
 # --------------------------------------------------------------------------------------
@@ -140,17 +142,26 @@ class CountPlan(eqx.Module):
 
     @property
     def cost(self) -> int:
-        """Number of history-entry updates of one evaluation (sum_g n_g K_g (K_g + 1))."""
-        return int(sum(int(i.shape[0]) * K * (K + 1) for i, K in zip(self.index, self.group_kmax)))
+        """Number of history-entry updates of one evaluation of the phased recursion:
+        sum_g N_g R_g (K_g - K_{g-1}), N_g the pixels with count > K_{g-1}, R_g the
+        history rows (`_history_rows(K_g)`)."""
+        n = [int(i.shape[0]) for i in self.index]
+        cost, k_prev = 0, 0
+        for g, K in enumerate(self.group_kmax):
+            cost += sum(n[g:]) * _history_rows(K) * (K - k_prev)
+            k_prev = K
+        return cost
 
 
 def _choose_groups(values: np.ndarray, hist: np.ndarray, max_groups: int, overhead: float):
     """Optimal contiguous split of the sorted distinct counts `values` (with multiplicities
-    `hist`) into at most `max_groups` groups, minimising
-    sum_g [n_g K_g (K_g + 1) + overhead K_g] (dynamic programming). Returns the last value
+    `hist`) into at most `max_groups` groups for the phased recursion, minimising
+    sum_g [N_g R_g (K_g - K_{g-1}) + overhead], N_g the number of pixels with count >
+    K_{g-1} and R_g = `_history_rows(K_g)` (dynamic programming). Returns the last value
     of each group (ascending)."""
     u = len(values)
     cum = np.concatenate([[0], np.cumsum(hist)])
+    k_prev = np.concatenate([[0.0], values.astype(float)])  # K_{g-1} if a group starts at i
     inf = np.inf
     # best[g][j]: minimal cost covering values[:j] with g groups; arg for back-tracking
     best = np.full((max_groups + 1, u + 1), inf)
@@ -159,9 +170,9 @@ def _choose_groups(values: np.ndarray, hist: np.ndarray, max_groups: int, overhe
     for g in range(1, max_groups + 1):
         for j in range(1, u + 1):
             K = float(values[j - 1])
+            rows = _history_rows(int(values[j - 1]))
             i = np.arange(0, j)
-            n = cum[j] - cum[i]
-            c = best[g - 1, i] + n * K * (K + 1) + overhead * K
+            c = best[g - 1, i] + (cum[u] - cum[i]) * rows * (K - k_prev[i]) + overhead
             t = int(np.argmin(c))
             best[g, j] = c[t]
             arg[g, j] = t
@@ -179,12 +190,15 @@ def count_plan(
     counts: Real[ArrayLike, " npix"],
     *,
     max_groups: int = _MAX_GROUPS,
-    step_overhead: float = _STEP_OVERHEAD,
+    phase_overhead: float = _PHASE_OVERHEAD,
 ) -> CountPlan:
     """Group pixels by count for the NPTF recursion (call outside jit, on concrete counts).
 
-    Groups are chosen to minimise sum_g [n_g K_g (K_g+1) + step_overhead K_g], i.e. the
-    recursion work plus a per-scan-step overhead, with at most `max_groups` groups.
+    Group g holds the pixels with K_{g-1} < count <= K_g; the recursion runs in phases,
+    phase g taking steps K_{g-1}+1..K_g for every pixel with count > K_{g-1}. The K_g are
+    chosen to minimise sum_g [N_g R_g (K_g - K_{g-1}) + phase_overhead] (N_g the pixels in
+    phase g, R_g ~ K_g + 1 its history rows), i.e. the history updates plus a cost per
+    phase, with at most `max_groups` groups.
     """
     if _is_traced(counts):
         raise ValueError(
@@ -198,7 +212,7 @@ def count_plan(
     if n == 0:
         return CountPlan(n_pixels=0, k_max=0, group_kmax=(), index=(), counts=())
     values, hist = np.unique(k, return_counts=True)
-    ends = _choose_groups(values, hist, max_groups, float(step_overhead))
+    ends = _choose_groups(values, hist, max_groups, float(phase_overhead))
     order = np.argsort(k, kind="stable")
     ks = k[order]
     index, grp_counts, kmaxes = [], [], []
@@ -230,38 +244,57 @@ def _last_weighted_lag(w, axis: int):
     return jnp.max(jnp.where(w > 0, lags, 0), axis=axis, initial=0)
 
 
-def _recursion_chunk(mu, x, xtot, kp, with_ratio: bool):
-    """The recursion for one chunk of pixels; pixel i stops after kp[i] steps.
+def _sum_rows(a):
+    """Sum over the leading axis as written-out row additions (folding 8 blocks at a time
+    beyond 16 rows). XLA:CPU vectorises row-wise adds across the pixels but not a reduce
+    over a leading axis, which is about 2x slower here."""
+    while a.shape[0] > 16:
+        pad = -a.shape[0] % 8
+        if pad:
+            a = jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)], axis=0)
+        a = a.reshape((8, -1) + a.shape[1:])
+        a = a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7]
+    acc = a[0]
+    for i in range(1, a.shape[0]):
+        acc = acc + a[i]
+    return acc
 
-    mu, xtot, kp: (c,); x: (c, K) with x[:, m-1] = x_m. Pixels lie along the last (fast)
-    axis of the history h: (K+1, c), p_j = h[j] exp(logc) for j <= kp (later rows stay 0).
-    The history is rescaled only when the newest value leaves [1e-100, 1e100], which real
-    data almost never triggers: divided by the newest value, or by max/1e250 of the
-    entries that still have a future weight where that is larger (module docstring).
-    Returns log p_kp (c,) and, with `with_ratio`, ratio (K, c) = p_{kp-m}/p_kp, m = 1..K
-    (0 for m > kp).
+
+def _history_rows(K: int) -> int:
+    """Rows of a phase's history for steps up to K: K + 1, rounded up to a multiple of 8
+    beyond 16 so that `_sum_rows` folds it without padding."""
+    return K + 1 if K + 1 <= 16 else -(-(K + 1) // 8) * 8
+
+
+def _phase_scan(h, logc, x, mu, kp, last, k_lo: int):
+    """Recursion steps k = k_lo+1..K for the pixels (columns) of one phase.
+
+    h: (R, c) history (R = `_history_rows(K)`), p_j = h[j] exp(logc) for the rows j < k
+    filled so far (later rows 0); logc, mu, kp, last: (c,); x: (c, K) with x[:, m-1] = x_m.
+    Pixel i stops after kp[i] steps. The history is rescaled only when the newest value
+    leaves [1e-100, 1e100], which real data almost never triggers: divided by the newest
+    value, or by max/1e250 of the entries that still have a future weight where that is
+    larger (module docstring).
     """
     dt = x.dtype
     c, K = x.shape
+    R = h.shape[0]
     w = (x.at[:, 0].add(mu) * jnp.arange(1, K + 1, dtype=dt)).T  # (K, c): row j-1 = j x'_j
     # rw[K - k + i] = w_{k-i} (zero for k - i <= 0): the step-k weights are one slice.
-    rw = jnp.concatenate([w[::-1], jnp.zeros((K + 1, c), dt)], axis=0)
-    # entry i still has a weight in some step after k iff k + 1 - i <= last
-    last = _last_weighted_lag(w, axis=0)
-    rows = jnp.arange(K + 1)[:, None]
-    h0 = jnp.zeros((K + 1, c), dt).at[0].set(1.0)
-    logc0 = -mu - xtot
+    rw = jnp.concatenate([w[::-1], jnp.zeros((R, c), dt)], axis=0)
+    rows = jnp.arange(R)[:, None]
 
     def step(carry, k):
         h, logc = carry
-        u = lax.dynamic_slice_in_dim(rw, K - k, K + 1, axis=0)
+        u = lax.dynamic_slice_in_dim(rw, K - k, R, axis=0)
         active = k <= kp
-        v = jnp.where(active, jnp.sum(u * h, axis=0) / k.astype(dt), 0.0)
+        v = jnp.where(active, _sum_rows(u * h) / k.astype(dt), 0.0)
         h = lax.dynamic_update_slice_in_dim(h, v[None], k, axis=0)
         out_of_range = active & ((v > _HI) | ((v > 0) & (v < _LO)))
 
         def rescale(args):
             h, logc = args
+            # entry i still has a weight in some step after k iff k + 1 - i <= last
             live = rows >= k + 1 - last[None, :]
             top = jnp.max(jnp.where(live, h, 0.0), axis=0, initial=0.0)
             d = jnp.where(out_of_range, jnp.maximum(v, top / _RATIO_CAP), 1.0)
@@ -270,74 +303,76 @@ def _recursion_chunk(mu, x, xtot, kp, with_ratio: bool):
         h, logc = lax.cond(jnp.any(out_of_range), rescale, lambda a: a, (h, logc))
         return (h, logc), None
 
-    (h, logc), _ = lax.scan(step, (h0, logc0), jnp.arange(1, K + 1))
+    (h, logc), _ = lax.scan(step, (h, logc), jnp.arange(k_lo + 1, K + 1))
+    return h, logc
+
+
+def _finish(h, logc, kp, K: int, with_ratio: bool):
+    """log p_kp (c,) from the history h: (R, c), R > K >= kp, and, with `with_ratio`,
+    ratio (K, c) = p_{kp-m}/p_kp, m = 1..K (0 for m > kp)."""
     hk = jnp.take_along_axis(h, kp[None, :], axis=0)[0]
     pos = hk > 0
     hk_safe = jnp.where(pos, hk, 1.0)
     logp = jnp.where(pos, logc + jnp.log(hk_safe), -jnp.inf)
     if not with_ratio:
-        return logp
+        return logp, None
     src = kp[None, :] - jnp.arange(1, K + 1)[:, None]  # (K, c): index of p_{k-m}
     hkm = jnp.take_along_axis(h, jnp.maximum(src, 0), axis=0)
     ratio = jnp.where((src >= 0) & pos[None, :], hkm / hk_safe[None, :], 0.0)
     return logp, jnp.minimum(ratio, _RATIO_CAP)
 
 
-def _chunk_size(n: int, K: int) -> tuple[int, int]:
-    """(number of chunks, chunk size): chunks keep the history in cache (~_CHUNK_ELEMS
-    entries), sized to waste little padding."""
-    nchunks = max(1, -(-n * (K + 1) // _CHUNK_ELEMS))
-    nchunks = min(nchunks, max(1, n // 64))
-    size = -(-n // nchunks)
-    size = -(-size // 8) * 8
-    nchunks = -(-n // size)
-    return nchunks, size
+def _phased(mus, xs, xtots, kps, with_ratio: bool):
+    """log p_kp of every group (and the ratios of `_finish`) by one recursion in phases.
 
-
-def _recursion(mu, x, xtot, kp, with_ratio: bool):
-    """`_recursion_chunk` over cache-sized chunks of pixels (lax.map when more than one)."""
-    n, K = x.shape
-    nchunks, size = _chunk_size(n, K)
-    if nchunks == 1:
-        return _recursion_chunk(mu, x, xtot, kp, with_ratio)
-    pad = nchunks * size - n
-
-    def split(a):
-        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-        return a.reshape((nchunks, size) + a.shape[1:])
-
-    out = lax.map(lambda a: _recursion_chunk(*a, with_ratio), (split(mu), split(x), split(xtot), split(kp)))
-    if not with_ratio:
-        return out.reshape(-1)[:n]
-    logp, ratio = out
-    ratio = jnp.moveaxis(ratio, 0, 1).reshape(K, -1)[:, :n]
-    return logp.reshape(-1)[:n], ratio
+    Groups are ordered by their recursion length K_1 < ... < K_G (group g holds the pixels
+    with K_{g-1} < kp <= K_g). Phase g runs steps K_{g-1}+1..K_g on the pixels of groups
+    g..G, with a history of K_g + 1 rows (a few more beyond 16, `_history_rows`); group g
+    is then done and leaves, so a pixel costs about kp^2 history updates and there are
+    only K_G sequential steps in all.
+    """
+    G = len(xs)
+    mu = jnp.concatenate(mus)
+    kp = jnp.concatenate(kps)
+    # Largest lag with a non-zero weight, per pixel, over the pixel's whole recursion.
+    last = jnp.concatenate(
+        [_last_weighted_lag(x.at[:, 0].add(m).T, axis=0) for m, x in zip(mus, xs)]
+    )
+    logc = -mu - jnp.concatenate(xtots)
+    h = jnp.ones((1, mu.shape[0]), mu.dtype)
+    k_lo, start, out = 0, 0, []
+    for g in range(G):
+        K = xs[g].shape[1]
+        x = jnp.concatenate([xs[j][:, :K] for j in range(g, G)], axis=0)
+        h = jnp.pad(h, ((0, _history_rows(K) - h.shape[0]), (0, 0)))
+        h, logc = _phase_scan(h, logc, x, mu[start:], kp[start:], last[start:], k_lo)
+        n = xs[g].shape[0]
+        out.append(_finish(h[:, :n], logc[:n], kps[g], K, with_ratio))
+        h, logc = h[:, n:], logc[n:]
+        start, k_lo = start + n, K
+    logps = tuple(o[0] for o in out)
+    return (logps, tuple(o[1] for o in out)) if with_ratio else logps
 
 
 @jax.custom_vjp
-def _group_logp(mu, x, xtot, kp):
-    """log p_{kp} per pixel of one group (x: (n, K), K static from the shape)."""
-    if x.shape[1] == 0:
-        return -mu - xtot
-    return _recursion(mu, x, xtot, kp, False)
+def _groups_logp(mus, xs, xtots, kps):
+    """log p_kp per pixel of each group (tuples over groups; xs[g]: (n_g, K_g), K_g >= 1
+    static from the shapes and ascending)."""
+    return _phased(mus, xs, xtots, kps, False)
 
 
-def _group_logp_fwd(mu, x, xtot, kp):
-    if x.shape[1] == 0:
-        return -mu - xtot, None
-    logp, ratio = _recursion(mu, x, xtot, kp, True)
-    return logp, ratio
+def _groups_logp_fwd(mus, xs, xtots, kps):
+    return _phased(mus, xs, xtots, kps, True)
 
 
-def _group_logp_bwd(ratio, g):
-    if ratio is None:
-        return -g, jnp.zeros((g.shape[0], 0), g.dtype), -g, None
-    d_mu = g * (ratio[0] - 1.0)
-    d_x = (g[None, :] * ratio).T
-    return d_mu, d_x, -g, None
+def _groups_logp_bwd(ratios, gs):
+    d_mu = tuple(g * (r[0] - 1.0) for g, r in zip(gs, ratios))
+    d_x = tuple((g[None, :] * r).T for g, r in zip(gs, ratios))
+    d_xtot = tuple(-g for g in gs)
+    return d_mu, d_x, d_xtot, tuple(None for _ in gs)
 
 
-_group_logp.defvjp(_group_logp_fwd, _group_logp_bwd)
+_groups_logp.defvjp(_groups_logp_fwd, _groups_logp_bwd)
 
 
 # --------------------------------------------------------------------------------------
@@ -415,9 +450,21 @@ def _plan_conditions(counts, plan: CountPlan):
 def _grouped(counts, mu, plan: CountPlan, terms) -> Float[Array, " npix"]:
     """Assemble per-pixel log p from the groups; terms(idx, K) -> (x (n_g, K), xtot (n_g,))."""
     out = jnp.zeros(plan.n_pixels, jnp.float64)
+    mus, xs, xtots, kps, idxs = [], [], [], [], []
     for idx, kp, K in zip(plan.index, plan.counts, plan.group_kmax):
         x, xtot = terms(idx, K)
-        out = out.at[idx].set(_group_logp(mu[idx], x, xtot, kp))
+        if K == 0:  # count 0: log p_0 = -mu - sum_m x_m
+            out = out.at[idx].set(-mu[idx] - xtot)
+            continue
+        mus.append(mu[idx])
+        xs.append(x)
+        xtots.append(xtot)
+        kps.append(kp)
+        idxs.append(idx)
+    if idxs:
+        logps = _groups_logp(tuple(mus), tuple(xs), tuple(xtots), tuple(kps))
+        for idx, logp in zip(idxs, logps):
+            out = out.at[idx].set(logp)
     return out
 
 
