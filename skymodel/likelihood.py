@@ -146,11 +146,16 @@ class CountPlan(eqx.Module):
         sum_g N_g R_g (K_g - K_{g-1}), N_g the pixels with count > K_{g-1}, R_g the
         history rows (`_history_rows(K_g)`)."""
         n = [int(i.shape[0]) for i in self.index]
-        cost, k_prev = 0, 0
-        for g, K in enumerate(self.group_kmax):
-            cost += sum(n[g:]) * _history_rows(K) * (K - k_prev)
-            k_prev = K
-        return cost
+        k_prev = (0,) + self.group_kmax[:-1]
+        return int(sum(
+            _phase_work(sum(n[g:]), K, k_prev[g]) for g, K in enumerate(self.group_kmax)
+        ))
+
+
+def _phase_work(n_pixels, K: int, k_prev):
+    """History updates of one phase: steps k_prev+1..K for n_pixels pixels, each over
+    `_history_rows(K)` rows (broadcasts over n_pixels and k_prev)."""
+    return n_pixels * _history_rows(K) * (K - k_prev)
 
 
 def _choose_groups(values: np.ndarray, hist: np.ndarray, max_groups: int, overhead: float):
@@ -169,10 +174,9 @@ def _choose_groups(values: np.ndarray, hist: np.ndarray, max_groups: int, overhe
     best[0, 0] = 0.0
     for g in range(1, max_groups + 1):
         for j in range(1, u + 1):
-            K = float(values[j - 1])
-            rows = _history_rows(int(values[j - 1]))
             i = np.arange(0, j)
-            c = best[g - 1, i] + (cum[u] - cum[i]) * rows * (K - k_prev[i]) + overhead
+            work = _phase_work(cum[u] - cum[i], int(values[j - 1]), k_prev[i])
+            c = best[g - 1, i] + work + overhead
             t = int(np.argmin(c))
             best[g, j] = c[t]
             arg[g, j] = t
@@ -266,20 +270,25 @@ def _history_rows(K: int) -> int:
     return K + 1 if K + 1 <= 16 else -(-(K + 1) // 8) * 8
 
 
-def _phase_scan(h, logc, x, mu, kp, last, k_lo: int):
+def _weights(mu, x):
+    """Recursion weights (K, c), row j-1 = j x'_j (x'_1 = mu + x_1), from mu: (c,) and
+    x: (c, K)."""
+    return (x.at[:, 0].add(mu) * jnp.arange(1, x.shape[1] + 1, dtype=x.dtype)).T
+
+
+def _phase_scan(h, logc, w, kp, last, k_lo: int):
     """Recursion steps k = k_lo+1..K for the pixels (columns) of one phase.
 
     h: (R, c) history (R = `_history_rows(K)`), p_j = h[j] exp(logc) for the rows j < k
-    filled so far (later rows 0); logc, mu, kp, last: (c,); x: (c, K) with x[:, m-1] = x_m.
+    filled so far (later rows 0); logc, kp, last: (c,); w: (K, c) weights (`_weights`).
     Pixel i stops after kp[i] steps. The history is rescaled only when the newest value
     leaves [1e-100, 1e100], which real data almost never triggers: divided by the newest
     value, or by max/1e250 of the entries that still have a future weight where that is
     larger (module docstring).
     """
-    dt = x.dtype
-    c, K = x.shape
+    dt = w.dtype
+    K, c = w.shape
     R = h.shape[0]
-    w = (x.at[:, 0].add(mu) * jnp.arange(1, K + 1, dtype=dt)).T  # (K, c): row j-1 = j x'_j
     # rw[K - k + i] = w_{k-i} (zero for k - i <= 0): the step-k weights are one slice.
     rw = jnp.concatenate([w[::-1], jnp.zeros((R, c), dt)], axis=0)
     rows = jnp.arange(R)[:, None]
@@ -332,20 +341,18 @@ def _phased(mus, xs, xtots, kps, with_ratio: bool):
     only K_G sequential steps in all.
     """
     G = len(xs)
-    mu = jnp.concatenate(mus)
     kp = jnp.concatenate(kps)
+    ws = [_weights(m, x) for m, x in zip(mus, xs)]
     # Largest lag with a non-zero weight, per pixel, over the pixel's whole recursion.
-    last = jnp.concatenate(
-        [_last_weighted_lag(x.at[:, 0].add(m).T, axis=0) for m, x in zip(mus, xs)]
-    )
-    logc = -mu - jnp.concatenate(xtots)
-    h = jnp.ones((1, mu.shape[0]), mu.dtype)
+    last = jnp.concatenate([_last_weighted_lag(w, axis=0) for w in ws])
+    logc = -jnp.concatenate(mus) - jnp.concatenate(xtots)
+    h = jnp.ones((1, kp.shape[0]), logc.dtype)
     k_lo, start, out = 0, 0, []
     for g in range(G):
         K = xs[g].shape[1]
-        x = jnp.concatenate([xs[j][:, :K] for j in range(g, G)], axis=0)
+        w = jnp.concatenate([ws[j][:K] for j in range(g, G)], axis=1)
         h = jnp.pad(h, ((0, _history_rows(K) - h.shape[0]), (0, 0)))
-        h, logc = _phase_scan(h, logc, x, mu[start:], kp[start:], last[start:], k_lo)
+        h, logc = _phase_scan(h, logc, w, kp[start:], last[start:], k_lo)
         n = xs[g].shape[0]
         out.append(_finish(h[:, :n], logc[:n], kps[g], K, with_ratio))
         h, logc = h[:, n:], logc[n:]
