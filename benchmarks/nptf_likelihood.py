@@ -168,7 +168,7 @@ def main(argv=None):
         # compiled function, as in a fit (SkyModel's NumPyro model closes over the
         # Observation); the parameters and everything computed from them are arguments.
         def total(mu, T, params):
-            scfs = [BrokenPowerLaw(A, i, b, max_index=10.0) for A, i, b in params]
+            scfs = [BrokenPowerLaw(A, i, b, max_index=10.0, min_index=-8.0) for A, i, b in params]
             return jnp.sum(nptf_loglike(kj, mu, T, scfs, psf, (region, ratios), plan=plan))
 
         val = jax.jit(total)

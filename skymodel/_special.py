@@ -123,6 +123,16 @@ def _cf_upper(a, y):
     return jnp.where(y_inf, 0.0, val)
 
 
+def _cf_upper_many(*pairs):
+    """`_cf_upper` of several (a, y) pairs (each broadcast) in one loop: a list of results."""
+    shapes = [jnp.broadcast_shapes(jnp.shape(a), jnp.shape(y)) for a, y in pairs]
+    a = jnp.concatenate([jnp.broadcast_to(a, s).ravel() for (a, _), s in zip(pairs, shapes)])
+    y = jnp.concatenate([jnp.broadcast_to(y, s).ravel() for (_, y), s in zip(pairs, shapes)])
+    out = _cf_upper(a, y)
+    ends = np.cumsum([math.prod(s) for s in shapes])[:-1]
+    return [part.reshape(s) for part, s in zip(jnp.split(out, ends), shapes)]
+
+
 def _interval_small_a(a, lo, hi):
     """Integral of t^(a-1) e^(-t) over [lo, hi] for a <= A_CUT (lo > 0 unless a > 0)."""
     u = jnp.minimum(lo, Y_SPLIT)

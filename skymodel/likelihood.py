@@ -495,18 +495,21 @@ def _population_terms(scf, f, weights, m_max: int, ratios):
 
 def _stackable(scfs):
     """The SCFs as one batched SCF (leading axis = population) when they share a structure
-    (same number of breaks; max_index unified to the largest, which stays exact), else None."""
+    (same number of breaks; index bounds unified to the widest, which stays exact), else None."""
     from skymodel.scf import BrokenPowerLaw
 
     if len(scfs) < 2 or any(type(s) is not BrokenPowerLaw for s in scfs):
         return None
-    bounds = [s.max_index for s in scfs]
-    if any(b is None for b in bounds) and not all(b is None for b in bounds):
-        return None
+    highs = [s.max_index for s in scfs]
+    lows = [s.min_index for s in scfs]
+    for bounds in (highs, lows):
+        if any(b is None for b in bounds) and not all(b is None for b in bounds):
+            return None
     if any(s.breaks.shape != scfs[0].breaks.shape for s in scfs):  # A, indices follow
         return None
-    if bounds[0] is not None:
-        scfs = [BrokenPowerLaw(s.A, s.indices, s.breaks, max_index=max(bounds)) for s in scfs]
+    high = None if highs[0] is None else max(highs)
+    low = None if lows[0] is None else min(lows)
+    scfs = [BrokenPowerLaw(s.A, s.indices, s.breaks, high, low) for s in scfs]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *scfs)
 
 

@@ -29,16 +29,28 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import gammainc, gammaincc, gammaln
+from jax.scipy.special import gammaln
 
 from skymodel._special import (
     Y_SPLIT,
-    _cf_upper,
-    _interval_small_a,
-    _one_minus_exp_interval,
+    _cf_upper_many,
     _power_interval,
+    _series_interval,
 )
 from skymodel._types import Array, ArrayLike, Float
+
+
+def _tail_terms(a_max: float) -> int:
+    """Static number E of terms of P(a, y) = sum_{i >= 1} r(a + i, y) that give it to 1e-17
+    relative wherever y <= a <= a_max: the remainder over the first term is at most
+    prod_{i <= E} a / (a + i) times a geometric tail (largest at a = a_max)."""
+    a = float(a_max)
+    log_rem, E = 0.0, 0
+    while True:
+        E += 1
+        log_rem += math.log(a / (a + E))
+        if log_rem - math.log1p(-a / (a + E + 1.0)) < math.log(1e-17):
+            return E
 
 
 def _is_concrete(*xs) -> bool:
@@ -126,6 +138,19 @@ def _f64(x):
 DEFAULT_MAX_INDEX = 40.0
 
 
+#: Default lower bound on the indices when they are traced and no `min_index` is given:
+#: the climb of Q through the orders m <= 0 and the series for P are sized by it.
+DEFAULT_MIN_INDEX = -100.0
+
+
+def _low_orders(indices, min_index) -> int:
+    """Static L >= 0 such that every index n >= -L: Q climbs from alpha through at most
+    L + 1 orders m <= 1, and a = m + 1 - n <= m + 1 + L."""
+    if min_index is None:
+        min_index = float(np.min(np.asarray(indices))) if _is_concrete(indices) else DEFAULT_MIN_INDEX
+    return max(0, -math.floor(float(min_index)))
+
+
 def _direct_orders(indices, m_max: int, max_index) -> int:
     """Static number K of low orders m = 1..K handled by the small-order method: every m
     with a = m + 1 - n <= 1 for some segment must be <= K."""
@@ -146,6 +171,7 @@ def generating_terms(
     m_max: int,
     ratio: Float[ArrayLike, ""] | float = 1.0,
     max_index: float | None = None,
+    min_index: float | None = None,
 ) -> tuple[Float[Array, " nm"], Float[Array, ""]]:
     """x_m (m = 1..m_max, shape (m_max,)) and x_total = sum_{m>=1} x_m, per unit template.
 
@@ -153,8 +179,9 @@ def generating_terms(
     (f, weights): PSF-correction table (fraction of flux in the pixel, df rho(f) / f);
     the delta PSF is f = [1], weights = [1].
     ratio: exposure-region ratio eps_r / mean eps (breaks * ratio, A / ratio).
-    max_index: a static upper bound on the indices (e.g. a prior's upper edge); needed
-    only when the indices are traced and may exceed DEFAULT_MAX_INDEX.
+    max_index, min_index: static bounds on the indices (e.g. a prior's edges); needed only
+    when the indices are traced and may exceed DEFAULT_MAX_INDEX or go below
+    DEFAULT_MIN_INDEX. Tighter bounds make the kernel smaller (it stays exact).
     Exact (incomplete gamma functions), differentiable in A, indices, breaks, f, ratio.
     """
     m_max = int(m_max)
@@ -198,10 +225,21 @@ def generating_terms(
             jnp.any(indices >= K + 1),
             f"an SCF index exceeds its static bound max_index={K} (pass a larger max_index)",
         )
+    L = _low_orders(indices, min_index)
+    if _is_concrete(indices) and np.min(np.asarray(indices)) < -L:
+        raise ValueError(
+            f"indices {np.asarray(indices)} go below min_index={min_index} (pass a smaller "
+            f"min_index)"
+        )
+    indices = eqx.error_if(
+        indices,
+        jnp.any(indices < -L),
+        f"an SCF index is below its static bound min_index={-L} (pass a smaller min_index)",
+    )
     A = _check_traced(A, indices, breaks)
     f = eqx.error_if(f, jnp.any(~(f > 0)), "PSF-correction fractions f must be positive")
     ratio = eqx.error_if(ratio, ~(ratio > 0), "exposure ratio must be positive")
-    return _generating_terms(A, indices, breaks, f, weights, m_max, ratio, K)
+    return _generating_terms(A, indices, breaks, f, weights, m_max, ratio, K, L)
 
 
 def _safe(cond, x, fill):
@@ -209,27 +247,70 @@ def _safe(cond, x, fill):
     return jnp.where(cond, x, fill)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 7))
-def _generating_terms(A, indices, breaks, f, weights, m_max: int, ratio, K: int):
-    """Exact x_m by recurrences in m of normalised incomplete gamma functions.
+def _cumsum_rows(x, reverse: bool = False, block: int = 8):
+    """Cumulative sum over axis 0 in two levels (within blocks of `block` rows, then over
+    block totals), by triangular matrix products: O(rows * block) work, few operations
+    (jnp.cumsum lowers to an O(rows^2) reduce-window on CPU)."""
+    if reverse:
+        return _cumsum_rows(x[::-1], block=block)[::-1]
+    rows = x.shape[0]
+    nb = -(-rows // block)
+    xb = jnp.concatenate([x, jnp.zeros((nb * block - rows,) + x.shape[1:], x.dtype)])
+    xb = xb.reshape((nb, block) + x.shape[1:])
+    within = jnp.einsum("ij,bj...->bi...", jnp.tril(jnp.ones((block, block), x.dtype)), xb)
+    before = jnp.einsum("ij,j...->i...", jnp.tril(jnp.ones((nb, nb), x.dtype), -1), within[:, -1])
+    return (within + before[:, None]).reshape((nb * block,) + x.shape[1:])[:rows]
+
+
+def _density(a, ys, logy):
+    """r = e^-y y^(a-1) / Gamma(a) (a > 0): the step of the regularised incomplete gamma
+    functions, Q(a + 1, y) = Q(a, y) + r(a + 1, y) and P(a, y) = sum_{i >= 1} r(a + i, y)."""
+    return jnp.exp(-ys + (a - 1.0) * logy - gammaln(a))
+
+
+def _q_up(Q_alpha, alpha, steps, ys, logy, ok, max_steps: int):
+    """Q(alpha + steps, y) = Q(alpha, y) + sum_{i=1..steps} r(alpha + i, y): the upward
+    recurrence (positive terms), steps <= max_steps (static) an integer-valued array."""
+    i = jnp.arange(1, max_steps + 1, dtype=jnp.float64).reshape((-1,) + (1,) * ys.ndim)
+    use = (i <= steps) & ok
+    return Q_alpha + jnp.sum(jnp.where(use, _density(alpha + i, ys, logy), 0.0), axis=0)
+
+
+def _p_series(a, ys, logy, ok, terms: int):
+    """P(a, y) = sum_{i=1..terms} r(a + i, y), to 1e-17 relative where y <= a (a > 0) when
+    terms = `_tail_terms` for the largest a; not used (and inaccurate) where y > a."""
+    i = jnp.arange(1, terms + 1, dtype=jnp.float64).reshape((-1,) + (1,) * ys.ndim)
+    return jnp.sum(jnp.where(ok, _density(a + i, ys, logy), 0.0), axis=0)
+
+
+@functools.partial(jax.jit, static_argnums=(5, 7, 8))
+def _generating_terms(A, indices, breaks, f, weights, m_max: int, ratio, K: int, L: int):
+    """Exact x_m by recurrences in m of regularised incomplete gamma functions.
 
     Per PSF bin i and segment j (dN/dS / A = v_j (S/P_j)^-n_j on [lower_j, upper_j)),
     with c = ratio f_i (the breaks stay, the ratio moves into the kernel):
 
         x_m = A sum_ij w_i f_i v_j P_j (c P_j)^(n_j - 1) I_m(a; c lower_j, c upper_j),
-        I_m(a; lo, hi) = integral_lo^hi t^(a-1) e^-t dt / m!,   a = m + 1 - n_j.
+        I_m(a; lo, hi) = integral_lo^hi t^(a-1) e^-t dt / m!,   a = a_m = m + 1 - n_j.
 
-    At each endpoint y of [lo, hi], with T_k(y) = e^-y y^(k - n) / k!:
-      U_m(y) = Gamma(a, y) / m!,  U_m = (a_{m-1} / m) U_{m-1} + T_m      (upward)
-      L_m(y) = gamma(a, y) / m!,  L_m = ((m+1) / a_m) (L_{m+1} + T_{m+1})  (downward)
-    Both have positive terms (for a > 0), so they are stable in the direction used. L is
-    used where y <= a, U where y > a, and I_m = L(hi) - L(lo), U(lo) - U(hi) or
-    Gamma(a)/m! - L(lo) - U(hi); no difference cancels more than the interval is small.
-    Orders with a <= 1 (m <= n, at most K of them; steep segments) use U from the small-a
-    functions of `skymodel._special`: Legendre's continued fraction for y >= Y_SPLIT, and
-    below it two seeds (a in (0, 1] and a - 1) and the downward recurrence
-    U_{m-1} = (m / a_{m-1}) (U_m - T_m), stable there (a_{m-1} <= -1, y < Y_SPLIT).
-    Seeds: L at m = m_max and U at m = 1 when a_1 > 1, by jax.scipy's regularised functions.
+    Orders with a > 1: with g_m = Gamma(a_m) / m! and, at each endpoint y, Q_m = Q(a_m, y)
+    and P_m = P(a_m, y) (regularised upper and lower functions),
+      Q_m = Q_{m-1} + r_m,   P_m = P_{m+1} + r_{m+1},   r_j = e^-y y^(a_j - 1) / Gamma(a_j),
+    sums of positive terms in [0, 1] (the stable upward and downward recurrences, done as
+    cumulative sums). P is used where y <= a, Q where y > a: I_m = g_m (P(hi) - P(lo)),
+    g_m (Q(lo) - Q(hi)) or g_m (1 - P(lo) - Q(hi)); no difference cancels more than the
+    interval is small. Q starts from alpha = frac part of 1 - n in (0, 1] (order
+    m_top = floor(n)), where Gamma(alpha, y) comes from the small-a functions of
+    `skymodel._special` (series below Y_SPLIT, Legendre's continued fraction above), and
+    climbs through the orders m <= 0 when n < 1; P starts from its series at order M.
+    Orders with a <= 1 (1 <= m <= m_top <= K; steep segments) use U_m = Gamma(a_m, y) / m!:
+    the continued fraction for y >= Y_SPLIT, and below it two seeds (orders m_top and
+    m_top - 1) and the downward recurrence U_{m-1} = (m / a_{m-1}) (U_m - T_m), stable
+    there (a_{m-1} <= -1, y < Y_SPLIT), T_m = e^-y y^(m-n) / m!.
+    x_total uses integral t^-n (1 - e^-t): a series below Y_SPLIT and, above, the power
+    integral minus Gamma(1 - n) on the interval (the same continued fraction, or Q and P
+    at a = 1 - n from the same seeds). No jax.scipy incomplete gamma function (their
+    convergence loops dominated the run and compile time).
     """
     lower, upper, pivot, logv = _segments(indices, breaks)
     n = indices  # (nseg,)
@@ -248,43 +329,59 @@ def _generating_terms(A, indices, breaks, f, weights, m_max: int, ratio, K: int)
     y_ok = ~(y_zero | y_inf)
     ys = _safe(y_ok, y, 1.0)
     logy = jnp.log(ys)
+    y2 = jnp.maximum(y, Y_SPLIT)  # the continued-fraction part of each endpoint
+    y2_ok = ~jnp.isinf(y2)
+    y2s = _safe(y2_ok, y2, Y_SPLIT)
+    logy2 = jnp.log(y2s)
 
     M = m_max
     m = jnp.arange(1, M + 1, dtype=jnp.float64)  # (M,)
     a = m[:, None, None, None] + 1.0 - n  # (M, 1, 1, nseg)
-    # T_k for k = 1..M+1: (M+1, 2, nf, nseg)
-    k = jnp.arange(1, M + 2, dtype=jnp.float64)[:, None, None, None]
-    logT = -ys + (k - n) * logy - gammaln(k + 1.0)
-    T = jnp.where(y_ok, jnp.exp(logT), 0.0)
 
-    # ---- small orders (a <= 1): U by continued fraction (y >= Y_SPLIT) or by two seeds
-    # and the downward recurrence (y < Y_SPLIT)
-    m_top = jnp.clip(jnp.floor(n), 0.0, K)  # (nseg,) largest m with a <= 1 (0: none)
-    a_top = m_top + 1.0 - n  # in (0, 1] when m_top >= 1
-    big = y_ok & (ys >= Y_SPLIT)
-    small = y_ok & ~big
-    yl = _safe(small, ys, 1.0)
-
-    # one call of the small-a integral for all seeds: U at (a_top, y) and (a_top - 1, y)
-    # for both endpoints, and the lowest order of the last segment on [0, hi]
+    # ---- seeds: Gamma(alpha, y) (alpha = m_top + 1 - n in (0, 1]) and, when m_top >= 2,
+    # Gamma(alpha - 1, y), at both endpoints; and the lowest order of the last segment on
+    # [0, hi]. Series below Y_SPLIT here; every continued fraction in one call below.
+    m_top = jnp.clip(jnp.floor(n), -L, K)  # (nseg,) largest m with a_m <= 1 (may be <= 0)
+    alpha = m_top + 1.0 - n  # in (0, 1]
+    ok1 = m_top >= 2.0
     a_first = jnp.where(2.0 - n <= 1.0, 2.0 - n, 1.0)
     a_first = _safe(a_first > 0.0, a_first, 0.5)
     hi0 = _safe(y_ok[1], hi, 1.0)
-    ok0, ok1 = m_top >= 1.0, m_top >= 2.0
     a_s = jnp.concatenate([
-        jnp.broadcast_to(_safe(ok0, a_top, 0.5), y.shape),
-        jnp.broadcast_to(_safe(ok1, a_top - 1.0, 0.5), y.shape),
+        jnp.broadcast_to(alpha, y.shape),
+        jnp.broadcast_to(_safe(ok1, alpha - 1.0, 0.5), y.shape),
         jnp.broadcast_to(a_first, hi.shape)[None],
-    ])
-    lo_s = jnp.concatenate([yl, yl, jnp.zeros((1,) + hi.shape)])
+    ])  # (5, nf, nseg)
+    lo_s = jnp.concatenate([ys, ys, jnp.zeros((1,) + hi.shape)])
     hi_s = jnp.concatenate([jnp.full((4,) + hi.shape, jnp.inf), hi0[None]])
-    vals = _interval_small_a(a_s, lo_s, hi_s)
-    s0 = jnp.where(ok0, vals[0:2] * jnp.exp(-gammaln(jnp.maximum(m_top, 1.0) + 1.0)), 0.0)
+    series = _series_interval(a_s, jnp.minimum(lo_s, Y_SPLIT), jnp.minimum(hi_s, Y_SPLIT), 0)
+
+    # ---- small orders (a <= 1) above Y_SPLIT: continued fraction
+    md = jnp.arange(1, K + 1, dtype=jnp.float64)  # (K,)
+    a_d = md[:, None, None, None] + 1.0 - n  # (K, 1, 1, nseg)
+    a_cf = jnp.where(a_d <= 1.0, a_d, 1.0)  # (not jnp.minimum: its gradient halves at ties)
+    big = y_ok & (ys >= Y_SPLIT)
+    small = y_ok & ~big
+    y_cf = _safe(big, ys, Y_SPLIT)
+    # x_total above Y_SPLIT needs Gamma(1 - n, y2) where 1 - n <= 1
+    a0 = 1.0 - n
+    a0_small = a0 <= 1.0
+    a0_cf = jnp.where(a0_small, a0, 1.0)
+    cf_main, cf_seed_lo, cf_seed_hi, cf_J = _cf_upper_many(
+        (jnp.broadcast_to(a_cf, (K,) + y.shape), jnp.broadcast_to(y_cf, (K,) + y.shape)),
+        (a_s, jnp.maximum(lo_s, Y_SPLIT)),
+        (a_s[4], jnp.maximum(hi_s[4], Y_SPLIT)),
+        (jnp.broadcast_to(a0_cf, y.shape), y2),
+    )
+    vals = series + cf_seed_lo - jnp.concatenate([jnp.zeros((4,) + hi.shape), cf_seed_hi[None]])
+    inv_fact_top = jnp.exp(-gammaln(jnp.maximum(m_top, 1.0) + 1.0))
+    s0 = jnp.where(m_top >= 1.0, vals[0:2] * inv_fact_top, 0.0)
     s1 = jnp.where(ok1, vals[2:4] * jnp.exp(-gammaln(jnp.maximum(m_top - 1.0, 1.0) + 1.0)), 0.0)
     I0 = vals[4]
 
-    md = jnp.arange(1, K + 1, dtype=jnp.float64)  # (K,)
-    a_d = md[:, None, None, None] + 1.0 - n  # (K, 1, 1, nseg)
+    # ---- small orders below Y_SPLIT: seeds and the downward recurrence
+    k = md[:, None, None, None] + 1.0
+    T_next = jnp.where(y_ok, jnp.exp(-ys + (k - n) * logy - gammaln(k + 1.0)), 0.0)  # T_{m+1}
 
     def down(U_next, inp):
         mm, am, Tn = inp  # order m, a_m, T_{m+1}
@@ -295,67 +392,70 @@ def _generating_terms(A, indices, breaks, f, weights, m_max: int, ratio, K: int)
         return U, U
 
     _, U_down = jax.lax.scan(
-        down, jnp.zeros(y.shape), (md, jnp.broadcast_to(a_d, (K,) + y.shape), T[1 : K + 1]),
+        down, jnp.zeros(y.shape), (md, jnp.broadcast_to(a_d, (K,) + y.shape), T_next),
         reverse=True,
     )
-    a_cf = jnp.where(a_d <= 1.0, a_d, 1.0)  # (not jnp.minimum: its gradient halves at ties)
-    y_cf = _safe(big, ys, Y_SPLIT)
-    cf = _cf_upper(jnp.broadcast_to(a_cf, (K,) + y.shape), jnp.broadcast_to(y_cf, (K,) + y.shape))
-    cf = cf * jnp.exp(-gammaln(md + 1.0))[:, None, None, None]
-    U_dir = jnp.where(big, cf, jnp.where(small, U_down, 0.0))  # (K, 2, nf, nseg)
+    cf_main = cf_main * jnp.exp(-gammaln(md + 1.0))[:, None, None, None]
+    U_dir = jnp.where(big, cf_main, jnp.where(small, U_down, 0.0))  # (K, 2, nf, nseg)
     U_dir = jnp.concatenate([U_dir, jnp.zeros((M - K,) + y.shape)]) if M > K else U_dir
 
-    # ---- large orders (a > 1): seeds and the two stable recurrences
-    a1 = 2.0 - n  # a at m = 1
-    a1_ok = a1 > 1.0
-    a1s = _safe(a1_ok, a1, 2.0)
-    U1 = jnp.where(a1_ok & y_ok, gammaincc(a1s, ys) * jnp.exp(gammaln(a1s)), 0.0)
+    # ---- large orders (a > 1): Q upward from order m_s = max(m_top, 1), P downward
+    inv_gamma_alpha = jnp.exp(-gammaln(alpha))
+    Q_alpha = vals[0:2] * inv_gamma_alpha  # Q(alpha, y)
+    # Q(a_1, y) when m_top <= 0: climb from alpha through orders m_top + 1 .. 1 (<= L + 1)
+    Q1 = _q_up(Q_alpha, alpha, 1.0 - m_top, ys, logy, y_ok, L + 1)
+    m_s = jnp.maximum(m_top, 1.0)
+    m4 = m[:, None, None, None]
+    a_r = _safe(m4 > m_s, a, 2.0)  # r_j used for j > m_s only (a_j > 1 there)
+    r = jnp.where((m4 > m_s) & y_ok, _density(a_r, ys, logy), 0.0)  # (M, 2, nf, nseg)
+    Qn = jnp.where(m_top >= 1.0, Q_alpha, Q1) + _cumsum_rows(r)
     aM = M + 1.0 - n
     aM_ok = aM > 1.0
-    aMs = _safe(aM_ok, aM, 2.0)
-    LM = jnp.where(aM_ok & y_ok, gammainc(aMs, ys) * jnp.exp(gammaln(aMs) - gammaln(M + 1.0)), 0.0)
-
-    a_full = jnp.broadcast_to(a, (M,) + y.shape)
-
-    def up(U_prev, inp):
-        mm, am, Tm, Ud = inp
-        a_prev = am - 1.0
-        rec = (jnp.maximum(a_prev, 0.0) / mm) * U_prev + Tm
-        return jnp.where(am <= 1.0, Ud, jnp.where(mm == 1.0, U1, rec))
-
-    def down_l(L_next, inp):
-        mm, am, Tn = inp
-        a_safe = jnp.where(am > 1.0, am, 2.0)
-        rec = ((mm + 1.0) / a_safe) * (L_next + Tn)
-        return jnp.where(am > 1.0, jnp.where(mm == M, LM, rec), 0.0)
-
-    def both(carry, inp):  # U upward in m and L downward, in one loop (half the steps)
-        U_prev, L_next = carry
-        U, L = up(U_prev, inp[0]), down_l(L_next, inp[1])
-        return (U, L), (U, L)
-
-    rev = (m[::-1], a_full[::-1], T[1:][::-1])
-    _, (U, L) = jax.lax.scan(both, (jnp.zeros(y.shape), jnp.zeros(y.shape)),
-                             ((m, a_full, T[:M], U_dir), rev))
-    L = L[::-1]
+    PM = _p_series(_safe(aM_ok, aM, 2.0), ys, logy, aM_ok & y_ok, _tail_terms(M + 1.0 + L))
+    r_above = jnp.concatenate([r[1:], jnp.zeros((1,) + y.shape)])  # r_{m+1}
+    Pn = PM + _cumsum_rows(r_above, reverse=True)
 
     # ---- combine per order and segment
-    U_lo, U_hi = U[:, 0], jnp.where(y_inf[1], 0.0, U[:, 1])  # (M, nf, nseg)
-    L_lo, L_hi = jnp.where(y_zero[0], 0.0, L[:, 0]), L[:, 1]
     a3 = a[:, 0]  # (M, 1, nseg)
     a_pos = jnp.where(a3 > 1.0, a3, 2.0)
-    G = jnp.exp(gammaln(a_pos) - gammaln(m + 1.0)[:, None, None])
-    hi_below = hi <= a3
-    lo_below = lo <= a3
-    I_rec = jnp.where(
-        hi_below, L_hi - L_lo, jnp.where(lo_below, G - L_lo - U_hi, U[:, 0] - U_hi)
+    g = jnp.exp(gammaln(a_pos) - gammaln(m + 1.0)[:, None, None])
+    Q_lo, Q_hi = Qn[:, 0], jnp.where(y_inf[1], 0.0, Qn[:, 1])  # (M, nf, nseg)
+    P_lo, P_hi = jnp.where(y_zero[0], 0.0, Pn[:, 0]), Pn[:, 1]
+    I_rec = g * jnp.where(
+        hi <= a3, P_hi - P_lo, jnp.where(lo <= a3, 1.0 - P_lo - Q_hi, Q_lo - Q_hi)
     )
     # small orders: U(lo) - U(hi); at lo = 0 (last segment, m = 1 only) the direct integral I0
+    U_lo, U_hi = U_dir[:, 0], jnp.where(y_inf[1], 0.0, U_dir[:, 1])
     I_dir = jnp.where(y_zero[0], I0, U_lo - U_hi)
     I = jnp.where(a3 > 1.0, I_rec, I_dir)
     x_m = A * jnp.einsum("mfs,fs->m", I, pref)
 
-    J = _one_minus_exp_interval(jnp.broadcast_to(n, lo.shape), lo, hi)
+    # ---- x_total: integral of t^-n (1 - e^-t) over [lo, hi] per segment
+    u, v = jnp.minimum(lo, Y_SPLIT), jnp.minimum(hi, Y_SPLIT)
+    J_series = -_series_interval(jnp.broadcast_to(a0, lo.shape), u, v, 1)
+    lo2, hi2 = y2[0], y2[1]
+    empty = hi2 <= lo2
+    hi2s = jnp.where(empty, lo2 + 1.0, hi2)
+    a0_pow = jnp.where(empty & (a0 >= 0.0), -1.0, a0)
+    power = _power_interval(a0_pow, lo2, hi2s)
+    # Gamma(a0) on [lo2, hi2]: continued fraction (a0 <= 1), or Q (up from alpha, from
+    # the same seeds above Y_SPLIT) and P (series) at a0 = alpha - m_top > 1
+    gam = cf_J[0] - cf_J[1]
+    if L > 0:  # some index may be < 0: a0 = 1 - n = alpha - m_top > 1
+        a0_big = _safe(a0_small, 2.0, a0)
+        Q_alpha2 = cf_seed_lo[0:2] * inv_gamma_alpha  # Q(alpha, y2)
+        ok_big = y2_ok & ~a0_small
+        Q0 = _q_up(Q_alpha2, alpha, -m_top, y2s, logy2, ok_big, L)
+        P0 = _p_series(a0_big, y2s, logy2, ok_big, _tail_terms(1.0 + L))
+        Q0_hi = jnp.where(y2_ok[1], Q0[1], 0.0)
+        P0_hi = jnp.where(y2_ok[1], P0[1], 1.0)
+        gam_big = jnp.exp(gammaln(a0_big)) * jnp.where(
+            hi2 <= a0_big,
+            P0_hi - P0[0],
+            jnp.where(lo2 <= a0_big, 1.0 - P0[0] - Q0_hi, Q0[0] - Q0_hi),
+        )
+        gam = jnp.where(a0_small, gam, gam_big)
+    J = J_series + jnp.where(empty, 0.0, power - gam)
     x_total = A * jnp.sum(pref * J)
     return x_m, x_total
 
@@ -391,20 +491,24 @@ class BrokenPowerLaw(eqx.Module):
 
     A: amplitude (per unit template); indices: n_1..n_{B+1} (shape (B+1,));
     breaks: S_b1 > ... > S_bB in counts (shape (B,), B >= 1);
-    max_index: optional static upper bound on the indices (e.g. the prior's upper edge),
-    which sizes the small-order block of `generating_terms` when the indices are traced.
+    max_index, min_index: optional static bounds on the indices (e.g. the prior's edges),
+    which size the kernel of `generating_terms` when the indices are traced.
     """
 
     A: Float[Array, ""]
     indices: Float[Array, " nseg"]
     breaks: Float[Array, " nbreak"]
     max_index: float | None = eqx.field(static=True, default=None)
+    min_index: float | None = eqx.field(static=True, default=None)
 
-    def __init__(self, A, indices, breaks, max_index: float | None = None):
+    def __init__(
+        self, A, indices, breaks, max_index: float | None = None, min_index: float | None = None
+    ):
         self.A = _f64(A)
         self.indices = jnp.atleast_1d(_f64(indices))
         self.breaks = jnp.atleast_1d(_f64(breaks))
         self.max_index = None if max_index is None else float(max_index)
+        self.min_index = None if min_index is None else float(min_index)
 
     def __check_init__(self):
         if jnp.ndim(self.A) != 0:
@@ -433,10 +537,12 @@ class BrokenPowerLaw(eqx.Module):
         """The SCF in an exposure region with eps_r / mean eps = ratio: breaks * ratio,
         A / ratio (the same sources, counted in that region's counts)."""
         ratio = _f64(ratio)
-        return BrokenPowerLaw(self.A / ratio, self.indices, self.breaks * ratio, self.max_index)
+        return BrokenPowerLaw(
+            self.A / ratio, self.indices, self.breaks * ratio, self.max_index, self.min_index
+        )
 
     def with_unit_amplitude(self) -> "BrokenPowerLaw":
-        return BrokenPowerLaw(1.0, self.indices, self.breaks, self.max_index)
+        return BrokenPowerLaw(1.0, self.indices, self.breaks, self.max_index, self.min_index)
 
     def amplitude_for_mean_counts(self, mean: Float[ArrayLike, ""] | float) -> Float[Array, ""]:
         """A such that mean_counts() == mean (the paper's S_ps parameterisation)."""
@@ -444,7 +550,10 @@ class BrokenPowerLaw(eqx.Module):
         return _f64(mean) / unit
 
     def with_mean_counts(self, mean: Float[ArrayLike, ""] | float) -> "BrokenPowerLaw":
-        return BrokenPowerLaw(self.amplitude_for_mean_counts(mean), self.indices, self.breaks, self.max_index)
+        return BrokenPowerLaw(
+            self.amplitude_for_mean_counts(mean), self.indices, self.breaks, self.max_index,
+            self.min_index,
+        )
 
     def generating_terms(
         self,
@@ -455,7 +564,8 @@ class BrokenPowerLaw(eqx.Module):
     ) -> tuple[Float[Array, " nm"], Float[Array, ""]]:
         """x_m for m = 1..m_max and x_total, per unit template; see `generating_terms`."""
         return generating_terms(
-            self.A, self.indices, self.breaks, f, weights, m_max, ratio, self.max_index
+            self.A, self.indices, self.breaks, f, weights, m_max, ratio, self.max_index,
+            self.min_index,
         )
 
 

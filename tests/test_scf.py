@@ -137,6 +137,43 @@ def test_random_one_break_vs_quadrature(n1, n2, sb, f):
     _check(1.0, [n1, n2], [10**sb], [10**f, 1.0], [0.7, 0.3], quad=False)
 
 
+# steep rising segments (index < 0): x_total's Gamma(1 - n) above Y_SPLIT by P (hi <= 1 - n),
+# by Q (lo > 1 - n) and by both (lo <= 1 - n < hi); Q climbs up to 20 orders below m = 1
+STEEP_CASES = [
+    ([3.0, -8.0], [6.0], [1.0, 0.6]),
+    ([3.0, -8.0, 1.5], [40.0, 20.0], [1.0, 0.3]),
+    ([4.0, 0.5, -20.0], [30.0, 25.0], [1.0, 0.5]),
+]
+
+
+@pytest.mark.parametrize("ns,bs,f", STEEP_CASES)
+def test_steep_negative_index_vs_quadrature(ns, bs, f):
+    _check(1.1, ns, bs, f, [0.9, 0.4])
+
+
+def test_index_bounds_give_the_same_terms():
+    """Concrete indices (bounds read from the values), traced indices with the default
+    bounds, and traced indices with tight static bounds: one answer."""
+    ns, bs, f, w = [4.0, 0.5, -20.0], [30.0, 25.0], [1.0, 0.5], [0.9, 0.4]
+    x0, t0 = generating_terms(1.1, ns, bs, f, w, M)
+    for bounds in [{}, {"max_index": 5.0, "min_index": -20.0}]:
+        fn = jax.jit(lambda n: generating_terms(1.1, n, bs, f, w, M, **bounds))  # noqa: B023
+        x1, t1 = fn(jnp.array(ns))
+        np.testing.assert_allclose(np.asarray(x1), np.asarray(x0), rtol=1e-13)
+        assert float(t1) == pytest.approx(float(t0), rel=1e-13)
+
+
+def test_index_bound_errors():
+    with pytest.raises(ValueError, match="min_index"):
+        generating_terms(1.0, [3.0, -12.0], [5.0], [1.0], [1.0], M, min_index=-10.0)
+    with pytest.raises(ValueError, match="max_index"):
+        generating_terms(1.0, [13.0, 1.0], [5.0], [1.0], [1.0], M, max_index=10.0)
+    fn = jax.jit(lambda n: generating_terms(1.0, n, [5.0], [1.0], [1.0], M, min_index=-10.0)[1])
+    assert np.isfinite(float(fn(jnp.array([3.0, -9.5]))))
+    with pytest.raises(Exception, match="min_index"):
+        fn(jnp.array([3.0, -10.5])).block_until_ready()
+
+
 def test_sum_of_xm_is_total_for_faint_sources():
     # n1 = 8: the tail m > M is below 1e-13 of the total
     x, xt = generating_terms(3.0, [8.0, 1.5], [2.0], [1.0, 0.5], [0.5, 0.5], M)

@@ -38,22 +38,24 @@ class AbstractSCFParameters(eqx.Module):
         """The source-count function, for a template normalised to mean 1."""
 
 
-def _index_bound(indices: tuple[Param, ...]) -> float | None:
-    """Static upper bound on the SCF indices: fixed values and the upper edges of bounded
-    priors (None when a prior is unbounded)."""
-    bounds = []
+def _index_bounds(indices: tuple[Param, ...]) -> tuple[float | None, float | None]:
+    """Static (lower, upper) bounds on the SCF indices: fixed values and the edges of
+    bounded priors (None on a side where a prior is unbounded or a value is traced)."""
+    lows, highs = [], []
     for p in indices:
         if p.prior is None:
             try:
-                bounds.append(float(p.value))
+                value = float(p.value)
             except Exception:  # traced fixed value
-                return None
+                return None, None
+            lows.append(value)
+            highs.append(value)
         else:
-            high = getattr(p.prior, "high", None)
-            if high is None:
-                return None
-            bounds.append(float(high))
-    return max(bounds)
+            lows.append(getattr(p.prior, "low", None))
+            highs.append(getattr(p.prior, "high", None))
+    low = None if any(b is None for b in lows) else float(min(lows))
+    high = None if any(b is None for b in highs) else float(max(highs))
+    return low, high
 
 
 def _params(values, what: str) -> tuple[Param, ...]:
@@ -87,11 +89,13 @@ class NPTFitSCF(AbstractSCFParameters):
     def scf(self) -> BrokenPowerLaw:
         a = param_value(self.amplitude)
         A = 10.0**a if self.log10_amplitude else a
+        low, high = _index_bounds(self.indices)
         return BrokenPowerLaw(
             A,
             jnp.stack([param_value(p) for p in self.indices]),
             jnp.stack([param_value(p) for p in self.breaks]),
-            _index_bound(self.indices),
+            max_index=high,
+            min_index=low,
         )
 
 
@@ -130,7 +134,8 @@ class TotalCountsSCF(AbstractSCFParameters):
         breaks = jnp.stack(breaks)
         unit = BrokenPowerLaw(jnp.asarray(1.0), indices, breaks)
         A = param_value(self.total_counts) / unit.mean_counts()
-        return BrokenPowerLaw(A, indices, breaks, _index_bound(self.indices))
+        low, high = _index_bounds(self.indices)
+        return BrokenPowerLaw(A, indices, breaks, max_index=high, min_index=low)
 
 
 @typing.final
