@@ -167,6 +167,8 @@ def main(argv=None):
         # The data (counts, count plan, exposure regions, PSF table) are constants of the
         # compiled function, as in a fit (SkyModel's NumPyro model closes over the
         # Observation); the parameters and everything computed from them are arguments.
+        # Static index bounds as the point-source components set them from the priors'
+        # edges (fiducial analysis: n1 <= 8, n3 >= -8; here 10 and -8).
         def total(mu, T, params):
             scfs = [BrokenPowerLaw(A, i, b, max_index=10.0, min_index=-8.0) for A, i, b in params]
             return jnp.sum(nptf_loglike(kj, mu, T, scfs, psf, (region, ratios), plan=plan))
