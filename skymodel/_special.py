@@ -93,6 +93,7 @@ def _power_interval(b, lo, hi):
     b_sp = jnp.where(b_sp == 0, 1.0, b_sp)
     closed = jnp.exp(b_ok * jnp.log(base_ok)) / b_sp
     out = jnp.where(special, closed, generic)
+    out = jnp.where(lo_zero & (hi <= 0.0), 0.0, out)  # the empty interval [0, 0]
     return jnp.where(diverge, jnp.inf, out)
 
 

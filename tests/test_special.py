@@ -72,6 +72,7 @@ def test_power_interval():
     assert float(power_interval(0.5, 0.0, 4.0)) == pytest.approx(4.0, rel=1e-15)
     assert float(power_interval(-2.0, 2.0, np.inf)) == pytest.approx(0.125, rel=1e-15)
     assert np.isinf(float(power_interval(0.0, 0.0, 1.0)))
+    assert float(power_interval(0.5, 0.0, 0.0)) == 0.0  # the empty interval [0, 0]
     assert np.isinf(float(power_interval(0.5, 1.0, np.inf)))
 
 
