@@ -299,10 +299,11 @@ def _generating_terms(A, indices, breaks, f, weights, m_max: int, ratio, K: int,
     sums of positive terms in [0, 1] (the stable upward and downward recurrences, done as
     cumulative sums). P is used where y <= a, Q where y > a: I_m = g_m (P(hi) - P(lo)),
     g_m (Q(lo) - Q(hi)) or g_m (1 - P(lo) - Q(hi)); no difference cancels more than the
-    interval is small. Q starts from alpha = frac part of 1 - n in (0, 1] (order
+    interval is small. Q starts from alpha = floor(n) + 1 - n in (0, 1] (order
     m_top = floor(n)), where Gamma(alpha, y) comes from the small-a functions of
     `skymodel._special` (series below Y_SPLIT, Legendre's continued fraction above), and
-    climbs through the orders m <= 0 when n < 1; P starts from its series at order M.
+    climbs through the orders m <= 0 when n < 1 (at most L + 1 of them, n >= -L static);
+    P starts from its series at order M.
     Orders with a <= 1 (1 <= m <= m_top <= K; steep segments) use U_m = Gamma(a_m, y) / m!:
     the continued fraction for y >= Y_SPLIT, and below it two seeds (orders m_top and
     m_top - 1) and the downward recurrence U_{m-1} = (m / a_{m-1}) (U_m - T_m), stable
