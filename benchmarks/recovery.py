@@ -23,6 +23,8 @@ Usage:
   python benchmarks/recovery.py --quick                       # smoke run, ~ minutes
   python benchmarks/recovery.py --mocks 10 --svi-steps 3000 --nuts-samples 500
   python benchmarks/recovery.py --mocks 20 --resume           # add mocks to a finished run
+  python benchmarks/recovery.py --merge a.json b.json --out c.json  # runs with other --seed
+                                   # (e.g. run in parallel), same settings: one summary
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ def parse_args(argv=None):
     p.add_argument("--max-tree-depth", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="mock i uses seed + i")
     p.add_argument("--progress", action="store_true", help="show the samplers' progress bars")
+    p.add_argument("--merge", type=pathlib.Path, nargs="+", metavar="JSON",
+                   help="combine result files of runs that differ only in --seed into --out "
+                        "(no fitting)")
     a = p.parse_args(argv)
     defaults = dict(mocks=10, svi_steps=3000, nuts_samples=500, nside=32)
     quick = dict(mocks=2, svi_steps=300, nuts_samples=100, nside=16)
@@ -255,8 +260,37 @@ def table(records: list[dict], summary: dict, methods, truth_mode: str) -> str:
 # ----------------------------------------------------------------------------- main
 
 
+def merge(paths, out: pathlib.Path) -> int:
+    """One result file from several runs with the same settings except the seed: records
+    keyed by their mock seed (a seed in two files is an error), summary recomputed."""
+    runs = [json.loads(pathlib.Path(q).read_text()) for q in paths]
+    base = {k: v for k, v in runs[0]["settings"].items() if k != "seed"}
+    by_seed = {}
+    for q, run in zip(paths, runs):
+        other = {k: v for k, v in run["settings"].items() if k != "seed"}
+        if other != base:
+            diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
+            raise SystemExit(f"--merge: {q} has other settings than {paths[0]} (differ in {diff})")
+        for r in run["records"]:
+            if r["seed"] in by_seed:
+                raise SystemExit(f"--merge: mock seed {r['seed']} is in more than one file")
+            by_seed[r["seed"]] = r
+    records = [dict(by_seed[sd], mock=i) for i, sd in enumerate(sorted(by_seed))]
+    methods = tuple(m for m in METHODS if any(m in run["summary"] for run in runs))
+    settings = dict(base, seed=sorted(by_seed)[0] if by_seed else 0)
+    meta = {"merged_from": [str(q) for q in paths], "runs_meta": [run["meta"] for run in runs]}
+    summary = summarise(records, methods)
+    write_json(out, {"meta": meta, "settings": settings, "config": runs[0]["config"],
+                     "records": records, "summary": summary})
+    print(table(records, summary, methods, base["truth"]))
+    print(f"\nwrote {out} ({len(records)} mocks from {len(paths)} files)")
+    return 0
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.merge:
+        return merge(a.merge, a.out)
     settings = settings_of(a)
     cfg = V.fiducial_like_config(a.nside, templates=a.templates, disk=not a.quick)
     records: list[dict] = []
