@@ -215,9 +215,9 @@ def test_count_pmf_matches_likelihood():
 KEY = ["pib.norm", "ics.norm", "gce.norm", "gce_ps.scf_parameters.total_counts", V.GCE_PS_FRACTION]
 
 
-@pytest.mark.slow
 def test_svi_recovers_truth_on_mocks():
-    """2 mocks of a small model (nside 16, 25 deg ROI, no PSF, one exposure region): SVI
+    """The quick recovery (~1 min). 2 mocks of a small model (nside 16, 25 deg ROI, no PSF,
+    one exposure region): SVI
     (multivariate-normal guide) puts the truth inside the central 95% interval of the key
     parameters for every mock, and its f_ps interval is informative: narrower than 3/4 of
     the central 95% interval of f_ps under the prior (0.06-0.95). With ~2,000 photons at
@@ -277,6 +277,44 @@ def test_benchmark_summary_counts_coverage():
     text = bench.table(records, s, ("svi",), "fixed")
     assert V.GCE_PS_FRACTION in text and "SVI 68%" in text
     json.dumps(s)
+
+
+def _fake_run(seeds, settings, flags):
+    """A result file's content: one record per seed, parameter "a" in68 = flags[i]."""
+    records = []
+    for i, (sd, f) in enumerate(zip(seeds, flags)):
+        params = {n: {"quantiles": [0, 0, 0.4 + 0.1 * sd, 0, 0], "in68": bool(f), "in95": True}
+                  for n in ("a", V.GCE_PS_FRACTION)}
+        records.append({"mock": i, "seed": sd, "truth": {"a": 1.0}, "f_ps_truth": 0.5,
+                        "fits": {"nuts": {"info": {"wall_s": 2.0}, "params": params}}})
+    return {"meta": {}, "settings": settings, "config": {}, "records": records,
+            "summary": {"nuts": {}}}
+
+
+def test_benchmark_merge(tmp_path):
+    """--merge joins runs with other seeds into the summary of all their mocks; it refuses
+    other settings and a mock seed present twice."""
+    bench = _bench()
+    s0 = {"nside": 32, "truth": "fixed", "seed": 0}
+    a = _fake_run([0, 1, 2], s0, [True, False, True])
+    b = _fake_run([3, 4], dict(s0, seed=3), [True, True])
+    pa, pb, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "m.json"
+    pa.write_text(json.dumps(b))  # order of the files does not matter
+    pb.write_text(json.dumps(a))
+    assert bench.main(["--merge", str(pa), str(pb), "--out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert [r["seed"] for r in m["records"]] == [0, 1, 2, 3, 4]
+    assert [r["mock"] for r in m["records"]] == [0, 1, 2, 3, 4]
+    assert m["settings"] == s0
+    s = m["summary"]["nuts"]
+    assert s["n_mocks"] == 5 and s["coverage"]["a"]["68"] == pytest.approx(0.8)
+    assert s["f_ps_bias"]["mean"] == pytest.approx(np.mean([0.4 + 0.1 * sd - 0.5 for sd in range(5)]))
+    pb.write_text(json.dumps(_fake_run([3], dict(s0, seed=3), [True])))  # seed 3 twice
+    with pytest.raises(SystemExit, match="seed 3"):
+        bench.main(["--merge", str(pa), str(pb), "--out", str(out)])
+    pb.write_text(json.dumps(_fake_run([0], dict(s0, nside=16), [True])))
+    with pytest.raises(SystemExit, match="nside"):
+        bench.main(["--merge", str(pa), str(pb), "--out", str(out)])
 
 
 def test_benchmark_arguments():
