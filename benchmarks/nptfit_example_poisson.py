@@ -22,10 +22,16 @@ import json
 import os
 import pathlib
 
+import sys
+
 import healpy as hp
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import gammaln
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from skymodel.healpix import fiducial_mask  # noqa: E402
 
 SETUPS = [
     # (label, mask the 3FGL sources?, templates)
@@ -66,16 +72,12 @@ def main(argv=None):
     names = {n for _, _, ns in SETUPS for n in ns}
     maps = {n: np.load(data / f"template_{n}.npy") for n in names}
     nside = hp.npix2nside(counts.size)
-    theta, phi = hp.pix2ang(nside, np.arange(counts.size))
-    b = np.pi / 2 - theta
-    r = np.degrees(np.arccos(np.cos(b) * np.cos(phi)))
-    ring = (r < 30.0) & (np.abs(np.degrees(b)) > 2.0)
 
     rows = []
     print(f"{'setup':34s} {'pixels':>7s} {'counts':>8s} {'dif':>7s} {'iso':>6s} {'gce':>6s} "
           f"{'bub':>6s} {'psc':>6s} {'ln L_max':>11s}")
     for label, masked, ns in SETUPS:
-        roi = ring & ~psc_mask if masked else ring
+        roi = ~fiducial_mask(nside, psc_mask if masked else None, radius_deg=30.0, band_deg=2.0)
         k = counts[roi]
         norms, lnl = poisson_mle(k, np.stack([maps[n][roi] for n in ns]))
         row = dict(setup=label, pixels=int(roi.sum()), counts=int(k.sum()),

@@ -260,6 +260,11 @@ def table(records: list[dict], summary: dict, methods, truth_mode: str) -> str:
 # ----------------------------------------------------------------------------- main
 
 
+def settings_diff(a: dict, b: dict) -> list[str]:
+    """The settings keys whose values differ between two runs."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def merge(paths, out: pathlib.Path) -> int:
     """One result file from several runs with the same settings except the seed: records
     keyed by their mock seed (a seed in two files is an error), summary recomputed."""
@@ -267,9 +272,8 @@ def merge(paths, out: pathlib.Path) -> int:
     base = {k: v for k, v in runs[0]["settings"].items() if k != "seed"}
     by_seed = {}
     for q, run in zip(paths, runs):
-        other = {k: v for k, v in run["settings"].items() if k != "seed"}
-        if other != base:
-            diff = sorted(k for k in set(base) | set(other) if base.get(k) != other.get(k))
+        diff = [k for k in settings_diff(base, run["settings"]) if k != "seed"]
+        if diff:
             raise SystemExit(f"--merge: {q} has other settings than {paths[0]} (differ in {diff})")
         for r in run["records"]:
             if r["seed"] in by_seed:
@@ -296,9 +300,8 @@ def main(argv=None) -> int:
     records: list[dict] = []
     if a.resume and a.out.exists():
         old = json.loads(a.out.read_text())
-        if old.get("settings") != settings:
-            diff = sorted(k for k in set(settings) | set(old.get("settings", {}))
-                          if settings.get(k) != old.get("settings", {}).get(k))
+        diff = settings_diff(settings, old.get("settings", {}))
+        if diff:
             raise SystemExit(f"--resume: {a.out} was written with other settings (differ in {diff}); "
                              "use another --out or the same flags")
         records = old.get("records", [])

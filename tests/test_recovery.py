@@ -217,11 +217,11 @@ KEY = ["pib.norm", "ics.norm", "gce.norm", "gce_ps.scf_parameters.total_counts",
 
 def test_svi_recovers_truth_on_mocks():
     """The quick recovery (~1 min). 2 mocks of a small model (nside 16, 25 deg ROI, no PSF,
-    one exposure region): SVI
-    (multivariate-normal guide) puts the truth inside the central 95% interval of the key
-    parameters for every mock, and its f_ps interval is informative: narrower than 3/4 of
-    the central 95% interval of f_ps under the prior (0.06-0.95). With ~2,000 photons at
-    nside 16 the data constrain f_ps only moderately (seed 0: 95% interval 0.35-0.91)."""
+    one exposure region): SVI (multivariate-normal guide) puts the truth inside the central
+    95% interval of the key parameters for every mock, and its f_ps interval is
+    informative: narrower than 3/4 of the central 95% interval of f_ps under the prior
+    (0.06-0.95). With ~2,000 photons at nside 16 the data constrain f_ps only moderately
+    (seed 0: 95% interval 0.35-0.91)."""
     setup = _setup(16)
     truth = setup.truth("fixed")
     f_true = float(V.gce_ps_fraction(setup.sky, setup.roi, {k: [v] for k, v in truth.items()})[0])
