@@ -49,6 +49,106 @@ def _tanh_sinh(n: int, t_max: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
     return x, w
 
 
+#: Gauss-Legendre nodes per half of the NFW^2 line of sight: relative error <= 3e-13 against
+#: 400 nodes for gamma in [0.2, 2] on every nside-128 pixel and down to 0.001 deg from the
+#: Galactic Center (24 nodes: 4e-8, 32: 2e-11).
+NFW_NODES = 40
+#: Line-of-sight tables of at most this many numbers are computed once per ROI and reused
+#: (module-level cache); larger ones are recomputed inside the compiled function.
+MAX_CACHED_TABLE_SIZE = 2**23
+
+
+def _nfw_tables(xp, l, b, r_s, r_sun, s_max, n_nodes):
+    """NFW^2 line of sight as (features (1, n, 2 n_nodes), log_weights (n, 2 n_nodes)):
+    J = sum_j exp(gamma features[0, :, j] + log_weights[:, j]) (see `nfw_squared_los`)."""
+    x, w = _gauss_legendre(n_nodes)
+    cos_psi = xp.cos(b) * xp.cos(l)
+    sin2_psi = xp.sin(b) ** 2 + (xp.cos(b) * xp.sin(l)) ** 2  # exact at small psi
+    s0 = r_sun * cos_psi
+    d = xp.maximum(r_sun * xp.sqrt(sin2_psi), 1e-9)
+    u_lo = xp.arcsinh(-s0 / d)
+    u_hi = xp.arcsinh((s_max - s0) / d)
+    u_mid = xp.clip(0.0, u_lo, u_hi)
+    feats, logw = [], []
+    for a, c in ((u_lo, u_mid), (u_mid, u_hi)):
+        half_width = 0.5 * (c - a)
+        u = 0.5 * (a + c)[:, None] + half_width[:, None] * x[None, :]
+        r = d[:, None] * xp.cosh(u)
+        log1p_y = xp.log1p(r / r_s)
+        # rho^2 = y^-2gamma (1 + y)^(2gamma - 6) = exp(2 gamma log(1 + 1/y)) (1 + y)^-6
+        feats.append(2.0 * (log1p_y - xp.log(r / r_s)))
+        # an empty half (half_width = 0) has weight exp(-inf) = 0
+        logw.append(-6.0 * log1p_y + xp.log(r * w[None, :] * half_width[:, None]))
+    return xp.concatenate(feats, axis=1)[None], xp.concatenate(logw, axis=1)
+
+
+def _lorimer_tables(xp, l, b, r_sun, s_max, n_nodes):
+    """Lorimer-disk line of sight as (features (3, n, 2 (2 n_nodes + 1)), log_weights):
+    D = sum_j exp(B F0 + C F1 + F2 / z_s + log_weights) (see `lorimer_disk_los`)."""
+    x, w = _tanh_sinh(n_nodes)
+    cos_b = xp.cos(b)
+    abs_sin_b = xp.abs(xp.sin(b))
+    s_c = xp.clip(r_sun * xp.cos(l) / xp.maximum(cos_b, 1e-12), 0.0, s_max)
+    feats, logw = [], []
+    for a, c in ((xp.zeros_like(s_c), s_c), (s_c, xp.full_like(s_c, s_max))):
+        half_width = 0.5 * (c - a)
+        s = 0.5 * (a + c)[:, None] + half_width[:, None] * x[None, :]
+        R2 = (s * cos_b[:, None] - r_sun * xp.cos(l)[:, None]) ** 2 + (r_sun * xp.sin(l)[:, None]) ** 2
+        R = xp.sqrt(R2 + 1e-20)
+        feats.append(xp.stack([xp.log(R / r_sun), -(R - r_sun) / r_sun, -s * abs_sin_b[:, None]]))
+        logw.append(xp.log(w[None, :] * half_width[:, None]))
+    return xp.concatenate(feats, axis=2), xp.concatenate(logw, axis=1)
+
+
+_TABLES = {"nfw": _nfw_tables, "lorimer": _lorimer_tables}
+
+
+def _los_sum(coefficients, features, log_weights):
+    """sum_j exp(sum_k coefficients[k] features[k, :, j] + log_weights[:, j]), (n,)."""
+    exponent = log_weights
+    for k in range(features.shape[0]):  # 1 or 3 terms; written out so that XLA fuses them
+        exponent = exponent + coefficients[k] * features[k]
+    return jnp.sum(jnp.exp(exponent), axis=1)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_tables(kind, l_bytes, b_bytes, *static):
+    l = np.frombuffer(l_bytes, dtype=np.float64)
+    b = np.frombuffer(b_bytes, dtype=np.float64)
+    with np.errstate(divide="ignore"):  # log 0 = -inf: an empty half of the line of sight
+        tables = _TABLES[kind](np, l, b, *static)
+    for t in tables:
+        t.flags.writeable = False
+    return tables
+
+
+def _table_size(kind, n, static) -> int:
+    n_nodes = static[-1]
+    return n * (2 * n_nodes * 2 if kind == "nfw" else 4 * (2 * n_nodes + 1) * 2)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _los_direct(kind, l, b, coefficients, static):
+    return _los_sum(coefficients, *_TABLES[kind](jnp, l, b, *static))
+
+
+def _line_of_sight(kind, l, b, coefficients, static):
+    """The line-of-sight integral `kind` at directions (l, b) for parameter coefficients.
+
+    The tables depend on the directions only, so for concrete directions (an ROI, also
+    when it is closed over by a jitted likelihood) they are computed once in numpy, cached,
+    and each evaluation costs one exp per node; traced directions (or tables above
+    MAX_CACHED_TABLE_SIZE) compute them inside the compiled function."""
+    concrete = not any(isinstance(v, jax.core.Tracer) for v in (l, b))
+    if concrete and _table_size(kind, np.size(l), static) <= MAX_CACHED_TABLE_SIZE:
+        lc = np.ascontiguousarray(np.asarray(l, dtype=np.float64))
+        bc = np.ascontiguousarray(np.asarray(b, dtype=np.float64))
+        features, log_weights = _cached_tables(kind, lc.tobytes(), bc.tobytes(), *static)
+        return _los_sum(coefficients, jnp.asarray(features), jnp.asarray(log_weights))
+    return _los_direct(kind, jnp.asarray(l, dtype=jnp.float64), jnp.asarray(b, dtype=jnp.float64),
+                       coefficients, static)
+
+
 def nfw_squared_los(
     l: Float[ArrayLike, " n"],
     b: Float[ArrayLike, " n"],
@@ -56,7 +156,7 @@ def nfw_squared_los(
     r_s: float = 20.0,
     r_sun: float = R_SUN,
     s_max: float = NFW_S_MAX,
-    n_nodes: int = 64,
+    n_nodes: int = NFW_NODES,
 ) -> Float[Array, " n"]:
     """J(l, b) = int_0^s_max rho(r(s))^2 ds for rho = (r/r_s)^-gamma (1 + r/r_s)^(gamma-3).
 
@@ -64,41 +164,14 @@ def nfw_squared_los(
     at the point of closest approach s0 = r_sun cos(psi) (impact parameter d = r_sun sin psi)
     and each half is mapped by s - s0 = d sinh(u), so that ds = r du with r = d cosh(u);
     `n_nodes` Gauss-Legendre nodes in u per half. This resolves the r^-2gamma cusp for
-    directions within a fraction of a degree of the Galactic Center.
+    directions within a fraction of a degree of the Galactic Center. The log-integrand is
+    linear in gamma, so the node geometry is tabulated once per set of directions.
 
     l, b: (n,) radians; gamma: scalar; r_s, r_sun, s_max in kpc. Returns (n,) in kpc.
     """
-    return _nfw_squared_los(
-        jnp.asarray(l, dtype=jnp.float64),
-        jnp.asarray(b, dtype=jnp.float64),
-        jnp.asarray(gamma, dtype=jnp.float64),
-        float(r_s),
-        float(r_sun),
-        float(s_max),
-        int(n_nodes),
-    )
-
-
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
-def _nfw_squared_los(l, b, gamma, r_s, r_sun, s_max, n_nodes):
-    x, w = _gauss_legendre(n_nodes)
-    cos_psi = jnp.cos(b) * jnp.cos(l)
-    sin2_psi = jnp.sin(b) ** 2 + (jnp.cos(b) * jnp.sin(l)) ** 2  # exact at small psi
-    s0 = r_sun * cos_psi
-    d = jnp.maximum(r_sun * jnp.sqrt(sin2_psi), 1e-9)
-    u_lo = jnp.arcsinh(-s0 / d)
-    u_hi = jnp.arcsinh((s_max - s0) / d)
-    u_mid = jnp.clip(0.0, u_lo, u_hi)
-
-    def half(a, c):
-        half_width = 0.5 * (c - a)
-        u = 0.5 * (a + c)[:, None] + half_width[:, None] * x[None, :]
-        r = d[:, None] * jnp.cosh(u)
-        y = r / r_s
-        log_rho2 = -2.0 * gamma * jnp.log(y) + (2.0 * gamma - 6.0) * jnp.log1p(y)
-        return half_width * jnp.sum(w[None, :] * jnp.exp(log_rho2) * r, axis=1)
-
-    return half(u_lo, u_mid) + half(u_mid, u_hi)
+    gamma = jnp.asarray(gamma, dtype=jnp.float64)
+    static = (float(r_s), float(r_sun), float(s_max), int(n_nodes))
+    return _line_of_sight("nfw", l, b, gamma[None], static)
 
 
 def lorimer_disk_los(
@@ -117,40 +190,16 @@ def lorimer_disk_los(
     Along the line of sight R^2 = (s cos b - r_sun cos l)^2 + (r_sun sin l)^2, z = s sin b.
     The integral is split at the closest approach to the Galactic axis and each piece is
     done by a fixed tanh-sinh rule (2 n_nodes + 1 nodes), which clusters nodes at both ends
-    (the observer, where the exp(-|z|/z_s) decay starts, and the closest approach).
+    (the observer, where the exp(-|z|/z_s) decay starts, and the closest approach). The
+    log-integrand is linear in (B, C, 1/z_s), so the node geometry is tabulated once per
+    set of directions.
 
     l, b: (n,) radians; z_s (kpc), C, B: scalars. Returns (n,) in kpc.
     """
     f64 = jnp.float64
-    return _lorimer_disk_los(
-        jnp.asarray(l, dtype=f64),
-        jnp.asarray(b, dtype=f64),
-        jnp.asarray(z_s, dtype=f64),
-        jnp.asarray(C, dtype=f64),
-        jnp.asarray(B, dtype=f64),
-        float(r_sun),
-        float(s_max),
-        int(n_nodes),
-    )
-
-
-@functools.partial(jax.jit, static_argnums=(5, 6, 7))
-def _lorimer_disk_los(l, b, z_s, C, B, r_sun, s_max, n_nodes):
-    x, w = _tanh_sinh(n_nodes)
-    cos_b = jnp.cos(b)
-    abs_sin_b = jnp.abs(jnp.sin(b))
-    safe_cos_b = jnp.maximum(cos_b, 1e-12)
-    s_c = jnp.clip(r_sun * jnp.cos(l) / safe_cos_b, 0.0, s_max)
-
-    def piece(a, c):
-        half_width = 0.5 * (c - a)
-        s = 0.5 * (a + c)[:, None] + half_width[:, None] * x[None, :]
-        R2 = (s * cos_b[:, None] - r_sun * jnp.cos(l)[:, None]) ** 2 + (r_sun * jnp.sin(l)[:, None]) ** 2
-        R = jnp.sqrt(R2 + 1e-20)
-        log_rho = B * jnp.log(R / r_sun) - C * (R - r_sun) / r_sun - s * abs_sin_b[:, None] / z_s
-        return half_width * jnp.sum(w[None, :] * jnp.exp(log_rho), axis=1)
-
-    return piece(jnp.zeros_like(s_c), s_c) + piece(s_c, jnp.full_like(s_c, s_max))
+    coefficients = jnp.stack([jnp.asarray(B, dtype=f64), jnp.asarray(C, dtype=f64),
+                              1.0 / jnp.asarray(z_s, dtype=f64)])
+    return _line_of_sight("lorimer", l, b, coefficients, (float(r_sun), float(s_max), int(n_nodes)))
 
 
 def _assoc_legendre(lmax: int, x: Array) -> dict[tuple[int, int], Array]:
@@ -289,6 +338,7 @@ __all__ = [
     "DISK_S_MAX",
     "LORIMER_B",
     "LORIMER_C",
+    "NFW_NODES",
     "NFW_S_MAX",
     "R_SUN",
     "analytic_templates",

@@ -87,9 +87,9 @@ class NFWSquared(AbstractMorphology):
     gamma: Param
     r_s: float = eqx.field(static=True, default=20.0)
     r_sun: float = eqx.field(static=True, default=mn.R_SUN)
-    n_nodes: int = eqx.field(static=True, default=64)
+    n_nodes: int = eqx.field(static=True, default=mn.NFW_NODES)
 
-    def __init__(self, gamma=None, r_s: float = 20.0, r_sun: float = mn.R_SUN, n_nodes: int = 64):
+    def __init__(self, gamma=None, r_s: float = 20.0, r_sun: float = mn.R_SUN, n_nodes: int = mn.NFW_NODES):
         self.gamma = Param(None, Uniform(0.2, 2.0)) if gamma is None else _as_param(gamma)
         self.r_s = float(r_s)
         self.r_sun = float(r_sun)
