@@ -22,7 +22,8 @@ measured separately.
     python benchmarks/compare_samplers.py --svi-steps 10000 --nuts-warmup 500 \\
         --nuts-samples 1000 --nuts-chains 4 --nlive 500 --dlogz 0.1   # the full run
 
-Writes benchmarks/results/compare_samplers.json and compare_samplers.png.
+Writes benchmarks/results/compare_samplers.json and compare_samplers.png. Runs of one
+model can be split over processes (--methods) and joined with --merge A.json B.json.
 """
 
 from __future__ import annotations
@@ -343,6 +344,9 @@ def parse_args(argv=None):
     p.add_argument("--maxcall", type=int, default=None, help="cap on nested-sampling likelihood calls")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--render", default=None, metavar="JSON", help="only print the table of a saved result and redraw its plot")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="join the results of separate runs (one model-method pair per file at most) "
+                        "into --out, with the agreement recomputed from their saved quantiles")
     p.add_argument("--out", default=str(HERE / "results" / "compare_samplers.json"))
     p.add_argument("--plot", default=str(HERE / "results" / "compare_samplers.png"))
     a = p.parse_args(argv)
@@ -373,6 +377,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.render:
         return render(pathlib.Path(args.render), pathlib.Path(args.plot))
+    if args.merge:
+        return merge(args.merge, pathlib.Path(args.out), pathlib.Path(args.plot))
     if not os.environ.get("SKYMODEL_DATA"):
         print("set SKYMODEL_DATA to the data directory (it holds fermi-gc/)", file=sys.stderr)
         return 2
@@ -409,43 +415,84 @@ def main(argv=None) -> int:
                 continue
             info["time_per_eval_s"] = info["wall_time_s"] / max(info["n_likelihood_evals"], 1)
             info["ess_per_s"] = None if info["ess"] is None else info["ess"] / info["wall_time_s"]
-            rows.append({**base, **info})
             quants[method] = flat_quantiles(post)
+            rows.append({**base, **info, "quantiles": {k: v.tolist() for k, v in quants[method].items()}})
             print(f"[{name}] {method}: {info['wall_time_s']:.1f} s, {info['n_likelihood_evals']} evaluations"
                   + (f", ln Z = {post.log_evidence:.2f} +- {post.log_evidence_err:.2f}" if method == "nested" else ""),
                   flush=True)
-        ref = "nuts" if "nuts" in quants else ("nested" if "nested" in quants else None)
-        pairs = [(a, ref) for a in quants if a != ref] if ref else []
-        if ref == "nuts" and "svi" in quants and "nested" in quants:
-            pairs.append(("svi", "nested"))
-        for a, b in pairs:
-            d, where = agreement(quants[a], quants[b])
-            agree.append({"model": name, "a": a, "b": b, "max_dq_over_width": d, "parameter": where})
-    text = table(rows, agree)
-    print()
-    print(text)
-    for k, v in notes.items():
-        print(f"note [{k}]: {v}")
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+        agree.extend(agreements(name, quants))
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "plot")}
     if args.quick:
         settings["quick_per_model"] = {m: dict(zip(("svi_steps", "nuts_warmup", "nuts_samples",
                                                     "nuts_max_tree_depth", "nested_maxcall"), QUICK[m]))
                                        for m in args.models}
-    payload = {
-        "settings": settings,
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "jax": jax.__version__, "backend": jax.default_backend(),
-                    "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count()},
-        "notes": notes,
-        "rows": rows,
-        "agreement": agree,
-        "table": text,
-    }
+    machine = {"platform": platform.platform(), "python": platform.python_version(),
+               "jax": jax.__version__, "backend": jax.default_backend(),
+               "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count()}
+    write(rows, agree, notes, settings, machine, pathlib.Path(args.out), pathlib.Path(args.plot))
+    return 0
+
+
+def agreements(model: str, quants: dict[str, dict]) -> list[dict]:
+    """Quantile agreement of one model's runs: every method against NUTS where it ran
+    (else nested sampling), and SVI against nested sampling as well."""
+    ref = "nuts" if "nuts" in quants else ("nested" if "nested" in quants else None)
+    pairs = [(a, ref) for a in quants if a != ref] if ref else []
+    if ref == "nuts" and "svi" in quants and "nested" in quants:
+        pairs.append(("svi", "nested"))
+    out = []
+    for a, b in pairs:
+        d, where = agreement(quants[a], quants[b])
+        out.append({"model": model, "a": a, "b": b, "max_dq_over_width": d, "parameter": where})
+    return out
+
+
+def write(rows, agree, notes, settings, machine, out: pathlib.Path, plot_path: pathlib.Path) -> None:
+    """Print the table and write the JSON and the plot."""
+    text = table(rows, agree)
+    print()
+    print(text)
+    for k, v in notes.items():
+        print(f"note [{k}]: {v}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"settings": settings, "machine": machine, "notes": notes, "rows": rows,
+               "agreement": agree, "table": text}
     out.write_text(json.dumps(payload, indent=2, default=float) + "\n")
-    plot(rows, pathlib.Path(args.plot))
-    print(f"\nwrote {out} and {args.plot}")
+    plot(rows, plot_path)
+    print(f"\nwrote {out} and {plot_path}")
+
+
+def merge(paths: list[str], out: pathlib.Path, plot_path: pathlib.Path) -> int:
+    """Join results of separate runs (e.g. one process per method) into one table: the
+    rows of all files (a model-method pair at most once) and the quantile agreement
+    recomputed from their saved quantiles."""
+    rows, notes, settings, machines, saved_agree, seen = [], {}, {}, {}, [], {}
+    for path in paths:
+        payload = json.loads(pathlib.Path(path).read_text())
+        for r in payload["rows"]:
+            key = (r["model"], r["method"])
+            if key in seen:
+                raise SystemExit(f"{r['model']} / {r['method']} is in both {seen[key]} and {path}")
+            seen[key] = path
+            rows.append(r)
+        notes.update(payload.get("notes", {}))
+        settings[str(path)] = payload["settings"]
+        machines[str(path)] = payload["machine"]
+        saved_agree.extend(payload.get("agreement", []))
+    agree = []
+    for model in MODELS:
+        ran = [r for r in rows if r["model"] == model and "error" not in r]
+        if all("quantiles" in r for r in ran):
+            agree.extend(agreements(model, {r["method"]: {k: np.asarray(v) for k, v in r["quantiles"].items()}
+                                            for r in ran}))
+        else:  # files written before quantiles were saved: keep the agreement they computed
+            print(f"[{model}] no saved quantiles in some runs: the files' own agreement is kept",
+                  file=sys.stderr)
+            agree.extend(a for a in saved_agree if a["model"] == model)
+    rows.sort(key=lambda r: (MODELS.index(r["model"]), METHODS.index(r["method"])))
+    unique = {json.dumps(m, sort_keys=True) for m in machines.values()}
+    machine = next(iter(machines.values())) if len(unique) == 1 else {"per_file": machines}
+    write(rows, agree, notes, {"merged": settings}, machine, out, plot_path)
     return 0
 
 
