@@ -59,7 +59,6 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -323,22 +322,24 @@ def select_backend(backend: str) -> tuple[str, str]:
 
 
 def cube_log_likelihood(sky: SkyModel, obs: Observation, transform: PriorTransform) -> Callable:
-    """jitted (n, ndim) cube points -> (n,) log-likelihoods (vmapped over the points)."""
-    dyn, static = eqx.partition((sky, obs), eqx.is_array)
+    """jitted (n, ndim) cube points -> (n,) log-likelihoods (vmapped over the points; a
+    batch of one point is evaluated unbatched).
+
+    The model and the data are constants of the compiled function, as in SVI and NUTS:
+    the morphologies then reuse their tabulated line-of-sight geometry and the likelihood
+    its count plan. A single point is not vmapped because under vmap the recursion's
+    rarely taken rescaling branch (`lax.cond`) runs at every step."""
+
+    def one(ui):
+        return sky.with_values(transform(ui), check=False).log_likelihood(obs)
 
     @jax.jit
-    def f(dyn, u):
-        s, o = eqx.combine(dyn, static)
-
-        def one(ui):
-            return s.with_values(transform(ui), check=False).log_likelihood(o)
-
+    def f(u):
+        if u.shape[0] == 1:
+            return one(u[0])[None]
         return jax.vmap(one)(u)
 
-    def call(u):
-        return f(dyn, u)
-
-    return call
+    return f
 
 
 class _Evaluator:
