@@ -243,10 +243,18 @@ def numpyro_model(sky: SkyModel, obs: Observation) -> None:
     numpyro.factor("loglike", _log_likelihood_at(sky, values, obs))
 
 
-@eqx.filter_jit
 def _log_likelihood_at(sky: SkyModel, values: dict, obs: Observation):
-    # One compiled call where NumPyro evaluates the model eagerly (initialisation);
-    # inlined when traced inside the samplers' own jit.
+    """log L at `values`. Traced inside a sampler's jit, the model and the data stay
+    constants of that compiled function (so the morphologies reuse their tabulated
+    line-of-sight geometry: a nested jit would see them as traced arguments); where
+    NumPyro evaluates the model eagerly (initialisation), one compiled call."""
+    if any(isinstance(v, jax.core.Tracer) for v in jax.tree_util.tree_leaves(values)):
+        return sky.with_values(values, check=False).log_likelihood(obs)
+    return _log_likelihood_compiled(sky, values, obs)
+
+
+@eqx.filter_jit
+def _log_likelihood_compiled(sky: SkyModel, values: dict, obs: Observation):
     return sky.with_values(values, check=False).log_likelihood(obs)
 
 
