@@ -30,8 +30,10 @@ pmf, including -log k!), so ln Z is comparable with NPTFit's / MultiNest's.
 Batches. The likelihood is vmapped over batches of `batch_size` points. dynesty proposes
 `queue_size = batch_size` new points at a time; they run in threads that meet at every
 likelihood call, and each round of calls is one vmapped evaluation (padded to the batch
-size, so it compiles once). On a GPU a batch costs about as much as one point. MultiNest
-calls the likelihood one point at a time.
+size, so it compiles once). On a GPU a batch costs about as much as one point. On a CPU
+the default is one point per call, evaluated without vmap (vmapped, the NPTF recursion's
+rarely taken rescaling branch would run at every step: 3x the cost). MultiNest calls the
+likelihood one point at a time.
 
 Long runs: `progress=True` prints the sampler's progress line; with `checkpoint_path`
 dynesty saves its state every `checkpoint_every` seconds and at the end (MultiNest keeps
