@@ -491,7 +491,9 @@ def merge(paths: list[str], out: pathlib.Path, plot_path: pathlib.Path) -> int:
             agree.extend(a for a in saved_agree if a["model"] == model)
     rows.sort(key=lambda r: (MODELS.index(r["model"]), METHODS.index(r["method"])))
     unique = {json.dumps(m, sort_keys=True) for m in machines.values()}
-    machine = next(iter(machines.values())) if len(unique) == 1 else {"per_file": machines}
+    backends = {m.get("backend") for m in machines.values()}
+    machine = (next(iter(machines.values())) if len(unique) == 1 else
+               {"backend": backends.pop() if len(backends) == 1 else "mixed", "per_file": machines})
     write(rows, agree, notes, {"merged": settings}, machine, out, plot_path)
     return 0
 
