@@ -368,3 +368,38 @@ def test_observation_validation(roi):
         Observation.from_sky_counts(roi, good[None])
     with pytest.raises(ValueError, match="shape"):
         Observation(roi, jnp.ones(3))
+
+
+def test_samplers_trace_the_model_with_tabulated_line_of_sight(roi, monkeypatch):
+    """Inside the samplers' compiled functions (NumPyro's model under jit, the nested
+    samplers' cube likelihood) the ROI stays concrete, so NFW^2 and the Lorimer disk use
+    their cached geometry tables instead of rebuilding them in every call."""
+    from numpyro.infer.util import log_density
+
+    import skymodel.morphology_numerics as mn
+    from skymodel.components import LorimerDisk, NFWSquared, PoissonComponent
+    from skymodel.inference.nested import cube_log_likelihood, prior_transform
+
+    sky = SkyModel(
+        [
+            PoissonComponent("gce", NFWSquared(Param(1.1, Uniform(0.2, 2.0))), Param(2.0, Uniform(0, 10))),
+            PoissonComponent("dsk", LorimerDisk(), Param(1.0, Uniform(0, 10))),
+        ]
+    )
+    obs = Observation.from_sky_counts(roi, np.random.default_rng(2).poisson(np.asarray(sky.poisson_mean(roi))))
+    values = {k: p.value for k, p in sky.free_parameters().items()}
+    want = float(sky.log_likelihood(obs))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("line-of-sight tables rebuilt inside a compiled function")
+
+    monkeypatch.setattr(mn, "_los_direct", refuse)
+    got = jax.jit(lambda v: log_density(numpyro_model, (sky, obs), {}, v)[0])(values)
+    assert float(got) == pytest.approx(want + float(sky.log_prior(values)), rel=1e-12)
+    transform = prior_transform(sky)
+    u = np.full((1, transform.ndim), 0.3)
+    np.testing.assert_allclose(
+        cube_log_likelihood(sky, obs, transform)(jnp.asarray(u)),
+        [float(sky.with_values(transform(jnp.asarray(u[0]))).log_likelihood(obs))],
+        rtol=1e-12,
+    )
