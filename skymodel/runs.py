@@ -103,7 +103,7 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")  # fullmatch: "$" would accept a trailing newline
 
 
 def _toml_string(s: str) -> str:
@@ -119,7 +119,7 @@ def _toml_string(s: str) -> str:
 
 
 def _toml_key(k: str) -> str:
-    return k if _BARE_KEY.match(k) else _toml_string(k)
+    return k if _BARE_KEY.fullmatch(k) else _toml_string(k)
 
 
 def _toml_value(v, where: str) -> str:

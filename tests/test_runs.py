@@ -19,7 +19,7 @@ import optax
 import pytest
 import scipy.optimize
 import scipy.stats
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoBNAFNormal, AutoDelta
@@ -182,6 +182,7 @@ _tables = st.dictionaries(st.text(max_size=6), _values, max_size=4)
     tables=st.dictionaries(st.sampled_from(["data", "roi", "truth"]), _tables, max_size=3),
     arrays=st.lists(_tables, max_size=3),
 )
+@example(top={}, tables={}, arrays=[{"0\n": []}])  # a key ending in a newline (found by hypothesis)
 @settings(max_examples=60, deadline=None)
 def test_toml_writer_round_trips(top, tables, arrays):
     cfg = {**top, **tables}
