@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import gammainc, gammaincc, gammaln
 
+from skymodel._tracing import is_traced
 from skymodel._types import Array, ArrayLike, Float
 
 #: split point between the power series (t < Y_SPLIT) and the continued fraction
@@ -308,7 +309,7 @@ def gamma_ppf(
     u = jnp.asarray(u, dtype=jnp.float64)
     alpha = jnp.asarray(alpha, dtype=jnp.float64)
     u, alpha = jnp.broadcast_arrays(u, alpha)
-    if not isinstance(u, jax.core.Tracer) and not isinstance(alpha, jax.core.Tracer):
+    if not is_traced(u, alpha):
         if np.any(np.asarray(alpha) <= 0) or np.any(~np.isfinite(np.asarray(alpha))):
             raise ValueError(f"gamma_ppf needs alpha > 0, got {np.asarray(alpha)}")
         if np.any((np.asarray(u) < 0) | (np.asarray(u) > 1)) or np.any(np.isnan(np.asarray(u))):

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from skymodel._tracing import is_traced
 from skymodel._types import Array, ArrayLike, Float, Int, Real
 
 _RATIO_CAP = 1e250
@@ -59,10 +60,6 @@ _MAX_GROUPS = 6
 # validation helpers
 
 
-def _is_traced(*xs) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in xs)
-
-
 def _check(x, bad, msg: str):
     """Raise ValueError(msg) now if `bad` is concrete and true anywhere; under jit attach an
     `eqx.error_if` to `x` instead. Returns x."""
@@ -73,7 +70,7 @@ def _validate(x, conditions):
     """Several checks at once: conditions = [(bad, msg), ...]. Concrete: raise ValueError
     with the first failing message. Traced: one `eqx.branched_error_if` attached to x
     (one runtime check instead of many)."""
-    if not _is_traced(x, *[b for b, _ in conditions]):
+    if not is_traced(x, *[b for b, _ in conditions]):
         for bad, msg in conditions:
             if bool(np.any(np.asarray(bad))):
                 raise ValueError(msg)
@@ -204,7 +201,7 @@ def count_plan(
     phase g, R_g ~ K_g + 1 its history rows), i.e. the history updates plus a cost per
     phase, with at most `max_groups` groups.
     """
-    if _is_traced(counts):
+    if is_traced(counts):
         raise ValueError(
             "count_plan needs concrete counts, got a traced array: build "
             "`plan = count_plan(counts)` outside jit and pass it in"
@@ -388,7 +385,7 @@ _groups_logp.defvjp(_groups_logp_fwd, _groups_logp_bwd)
 
 def _resolve_plan(counts, plan: CountPlan | None) -> CountPlan:
     if plan is None:
-        if _is_traced(counts):
+        if is_traced(counts):
             raise ValueError(
                 "nptf_loglike got traced counts and no plan: build `plan = count_plan(counts)` "
                 "outside jit (counts are data, so once) and pass `plan=plan`"
@@ -445,7 +442,7 @@ _PLAN_MISMATCH = "counts do not match the CountPlan (was it built from other cou
 
 def _plan_conditions(counts, plan: CountPlan):
     """Validation conditions: the plan's counts equal `counts` (checked now when concrete)."""
-    if not _is_traced(counts, *plan.index, *plan.counts):
+    if not is_traced(counts, *plan.index, *plan.counts):
         c = np.asarray(counts)
         for idx, kp in zip(plan.index, plan.counts):
             if not np.array_equal(c[np.asarray(idx)], np.asarray(kp)):

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 
+from skymodel._tracing import is_traced
 from skymodel._types import Array, Float, Scalar
 from skymodel.components.base import (
     AbstractComponent,
@@ -28,10 +29,6 @@ from skymodel.components.base import (
 )
 from skymodel.observation import Observation
 from skymodel.roi import ROI
-
-
-def _is_tracer(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
 
 
 def _key_name(key) -> str:
@@ -138,7 +135,7 @@ class SkyModel(eqx.Module):
                 raise ValueError(
                     f"parameter {name!r} needs shape {tuple(p.value.shape)}, got {tuple(v.shape)}"
                 )
-            if check and not _is_tracer(v) and not p.prior.contains(np.asarray(v)):
+            if check and not is_traced(v) and not p.prior.contains(np.asarray(v)):
                 raise ValueError(
                     f"value {np.asarray(v)} of parameter {name!r} is outside the support of "
                     f"its prior {p.prior!r}"
@@ -248,7 +245,7 @@ def _log_likelihood_at(sky: SkyModel, values: dict, obs: Observation):
     constants of that compiled function (so the morphologies reuse their tabulated
     line-of-sight geometry: a nested jit would see them as traced arguments); where
     NumPyro evaluates the model eagerly (initialisation), one compiled call."""
-    if any(isinstance(v, jax.core.Tracer) for v in jax.tree_util.tree_leaves(values)):
+    if is_traced(values):
         return sky.with_values(values, check=False).log_likelihood(obs)
     return _log_likelihood_compiled(sky, values, obs)
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from skymodel._tracing import is_traced
 from skymodel._types import Array, ArrayLike, Float
 
 #: default galactocentric distance of the Sun (kpc), as in the paper
@@ -117,9 +118,10 @@ def _cached_tables(kind, l_bytes, b_bytes, *static):
     b = np.frombuffer(b_bytes, dtype=np.float64)
     with np.errstate(divide="ignore"):  # log 0 = -inf: an empty half of the line of sight
         tables = _TABLES[kind](np, l, b, *static)
-    for t in tables:
-        t.flags.writeable = False
-    return tables
+    # Device arrays, made once: concrete even when first asked for while a jit traces, so
+    # compiled likelihoods embed them as constants and eager calls do not copy them again.
+    with jax.ensure_compile_time_eval():
+        return tuple(jnp.asarray(t) for t in tables)
 
 
 def _table_size(kind, n, static) -> int:
@@ -139,12 +141,12 @@ def _line_of_sight(kind, l, b, coefficients, static):
     when it is closed over by a jitted likelihood) they are computed once in numpy, cached,
     and each evaluation costs one exp per node; traced directions (or tables above
     MAX_CACHED_TABLE_SIZE) compute them inside the compiled function."""
-    concrete = not any(isinstance(v, jax.core.Tracer) for v in (l, b))
+    concrete = not is_traced(l, b)
     if concrete and _table_size(kind, np.size(l), static) <= MAX_CACHED_TABLE_SIZE:
         lc = np.ascontiguousarray(np.asarray(l, dtype=np.float64))
         bc = np.ascontiguousarray(np.asarray(b, dtype=np.float64))
         features, log_weights = _cached_tables(kind, lc.tobytes(), bc.tobytes(), *static)
-        return _los_sum(coefficients, jnp.asarray(features), jnp.asarray(log_weights))
+        return _los_sum(coefficients, features, log_weights)
     return _los_direct(kind, jnp.asarray(l, dtype=jnp.float64), jnp.asarray(b, dtype=jnp.float64),
                        coefficients, static)
 

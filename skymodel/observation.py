@@ -7,10 +7,10 @@ from typing import Any
 
 import equinox as eqx
 import healpy as hp
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from skymodel._tracing import is_traced
 from skymodel._types import Array, Float
 from skymodel.roi import ROI
 
@@ -44,7 +44,7 @@ class Observation(eqx.Module):
         self.roi = roi
         self.counts = jnp.asarray(counts, dtype=jnp.float64)
         self.psf = psf
-        if plan is None and build_plan and not isinstance(counts, jax.core.Tracer):
+        if plan is None and build_plan and not is_traced(counts):
             plan = _build_plan(np.asarray(counts, dtype=np.float64))
         self.plan = plan
 

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpy.typing as npt
 
+from skymodel._tracing import is_traced
 from skymodel._types import Array, ArrayLike, Float, Real
 from skymodel.cache import (
     cache_dir as _default_cache_dir,  # (compute() has a cache_dir argument)
@@ -60,7 +61,7 @@ __all__ = [
 
 def _concrete(x) -> np.ndarray | None:
     """A numpy copy of `x`, or None when `x` is traced (checks then happen outside jit)."""
-    if isinstance(x, jax.core.Tracer):
+    if is_traced(x):
         return None
     try:
         return np.asarray(x, dtype=np.float64)

@@ -37,6 +37,7 @@ from skymodel._special import (
     _power_interval,
     _series_interval,
 )
+from skymodel._tracing import is_traced
 from skymodel._types import Array, ArrayLike, Float
 
 
@@ -51,10 +52,6 @@ def _tail_terms(a_max: float) -> int:
         log_rem += math.log(a / (a + E))
         if log_rem - math.log1p(-a / (a + E + 1.0)) < math.log(1e-17):
             return E
-
-
-def _is_concrete(*xs) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
 def _segments(indices, breaks):
@@ -147,7 +144,7 @@ def _low_orders(indices, min_index) -> int:
     """Static L >= 0 such that every index n >= -L: Q climbs from alpha through at most
     L + 1 orders m <= 1, and a = m + 1 - n <= m + 1 + L."""
     if min_index is None:
-        min_index = float(np.min(np.asarray(indices))) if _is_concrete(indices) else DEFAULT_MIN_INDEX
+        min_index = float(np.min(np.asarray(indices))) if not is_traced(indices) else DEFAULT_MIN_INDEX
     return max(0, -math.floor(float(min_index)))
 
 
@@ -155,7 +152,7 @@ def _direct_orders(indices, m_max: int, max_index) -> int:
     """Static number K of low orders m = 1..K handled by the small-order method: every m
     with a = m + 1 - n <= 1 for some segment must be <= K."""
     if max_index is None:
-        if _is_concrete(indices):
+        if not is_traced(indices):
             max_index = float(np.max(np.asarray(indices)))
         else:
             max_index = DEFAULT_MAX_INDEX
@@ -203,9 +200,9 @@ def generating_terms(
         raise ValueError(
             f"A and ratio must be scalars, got shapes {jnp.shape(A)}, {jnp.shape(ratio)}"
         )
-    if _is_concrete(A, indices, breaks):
+    if not is_traced(A, indices, breaks):
         _check_concrete(A, indices, breaks)
-    if _is_concrete(f, weights, ratio):
+    if not is_traced(f, weights, ratio):
         if not (np.all(np.asarray(f) > 0) and np.all(np.isfinite(np.asarray(f)))):
             raise ValueError(f"PSF-correction fractions f must be positive, got {np.asarray(f)}")
         if not np.all(np.asarray(weights) >= 0):
@@ -215,7 +212,7 @@ def generating_terms(
     K = _direct_orders(indices, m_max, max_index)
     if K < m_max:
         # orders m <= n (a <= 1) must all lie in the small-order block 1..K
-        if _is_concrete(indices) and np.max(np.asarray(indices)) >= K + 1:
+        if not is_traced(indices) and np.max(np.asarray(indices)) >= K + 1:
             raise ValueError(
                 f"indices {np.asarray(indices)} exceed max_index={max_index} (pass a larger "
                 f"max_index)"
@@ -226,7 +223,7 @@ def generating_terms(
             f"an SCF index exceeds its static bound max_index={K} (pass a larger max_index)",
         )
     L = _low_orders(indices, min_index)
-    if _is_concrete(indices) and np.min(np.asarray(indices)) < -L:
+    if not is_traced(indices) and np.min(np.asarray(indices)) < -L:
         raise ValueError(
             f"indices {np.asarray(indices)} go below min_index={min_index} (pass a smaller "
             f"min_index)"
@@ -515,7 +512,7 @@ class BrokenPowerLaw(eqx.Module):
         if jnp.ndim(self.A) != 0:
             raise ValueError(f"A must be a scalar, got shape {jnp.shape(self.A)}")
         _check_shapes(self.indices, self.breaks)
-        if _is_concrete(self.A, self.indices, self.breaks):
+        if not is_traced(self.A, self.indices, self.breaks):
             _check_concrete(self.A, self.indices, self.breaks)
 
     @property

@@ -373,3 +373,23 @@ def test_line_of_sight_tables_cached_and_traced_agree(kind):
     np.testing.assert_allclose(cached(p), traced(l, b, p), rtol=1e-14)
     np.testing.assert_allclose(jax.grad(cached)(p), jax.grad(traced, argnums=2)(l, b, p), rtol=1e-12)
     assert mn._cached_tables.cache_info().currsize > 0
+
+
+def test_line_of_sight_tables_made_under_jit_stay_concrete():
+    """Tables first asked for while a jit traces are cached as concrete device arrays (a
+    cached tracer would break every later call), and eager calls reuse them uncopied."""
+    from skymodel._tracing import is_traced
+
+    rng = np.random.default_rng(11)
+    l = rng.uniform(-np.pi, np.pi, 200)
+    b = np.arcsin(rng.uniform(-1, 1, 200))
+    mn._cached_tables.cache_clear()
+    compiled = jax.jit(lambda g: mn.nfw_squared_los(l, b, g))(1.1)
+    assert mn._cached_tables.cache_info().currsize == 1
+    eager = mn.nfw_squared_los(l, b, 1.1)  # would raise UnexpectedTracerError
+    np.testing.assert_allclose(eager, compiled, rtol=1e-14)
+    key = ("nfw", l.tobytes(), b.tobytes(), 20.0, R_SUN, mn.NFW_S_MAX, mn.NFW_NODES)
+    tables = mn._cached_tables(*key)
+    assert all(isinstance(t, jax.Array) and not is_traced(t) for t in tables)
+    assert mn._cached_tables(*key)[0] is tables[0]
+    assert mn._cached_tables.cache_info().currsize == 1
