@@ -144,7 +144,7 @@ def _low_orders(indices, min_index) -> int:
     """Static L >= 0 such that every index n >= -L: Q climbs from alpha through at most
     L + 1 orders m <= 1, and a = m + 1 - n <= m + 1 + L."""
     if min_index is None:
-        min_index = float(np.min(np.asarray(indices))) if not is_traced(indices) else DEFAULT_MIN_INDEX
+        min_index = DEFAULT_MIN_INDEX if is_traced(indices) else float(np.min(np.asarray(indices)))
     return max(0, -math.floor(float(min_index)))
 
 
@@ -152,10 +152,7 @@ def _direct_orders(indices, m_max: int, max_index) -> int:
     """Static number K of low orders m = 1..K handled by the small-order method: every m
     with a = m + 1 - n <= 1 for some segment must be <= K."""
     if max_index is None:
-        if not is_traced(indices):
-            max_index = float(np.max(np.asarray(indices)))
-        else:
-            max_index = DEFAULT_MAX_INDEX
+        max_index = DEFAULT_MAX_INDEX if is_traced(indices) else float(np.max(np.asarray(indices)))
     return int(min(m_max, max(1, math.floor(float(max_index)))))
 
 
