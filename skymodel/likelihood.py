@@ -490,32 +490,15 @@ def _population_terms(scf, f, weights, m_max: int, ratios):
     return jax.vmap(one)(ratios)
 
 
-def _stackable(scfs):
-    """The SCFs as one batched SCF (leading axis = population) when they share a structure
-    (same number of breaks; index bounds unified to the widest, which stays exact), else None."""
-    from skymodel.scf import BrokenPowerLaw
-
-    if len(scfs) < 2 or any(type(s) is not BrokenPowerLaw for s in scfs):
-        return None
-    highs = [s.max_index for s in scfs]
-    lows = [s.min_index for s in scfs]
-    for bounds in (highs, lows):
-        if any(b is None for b in bounds) and not all(b is None for b in bounds):
-            return None
-    if any(s.breaks.shape != scfs[0].breaks.shape for s in scfs):  # A, indices follow
-        return None
-    high = None if highs[0] is None else max(highs)
-    low = None if lows[0] is None else min(lows)
-    scfs = [BrokenPowerLaw(s.A, s.indices, s.breaks, high, low) for s in scfs]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *scfs)
-
-
 def _all_population_terms(scfs, f, weights, m_max: int, ratios):
-    """x_m (npop, nregion, m_max) and totals (npop, nregion). Populations of the same SCF
-    structure are evaluated in one vmapped call (compiled once, not once per population)."""
-    stacked = _stackable(scfs)
-    if stacked is not None:
-        return jax.vmap(lambda s: _population_terms(s, f, weights, m_max, ratios))(stacked)
+    """x_m (npop, nregion, m_max) and totals (npop, nregion). Broken power laws are
+    evaluated together, all populations and regions in one kernel
+    (`skymodel.scf.population_terms`); other SCF types (subclasses with their own
+    `generating_terms`) one by one."""
+    from skymodel.scf import BrokenPowerLaw, population_terms
+
+    if all(type(s) is BrokenPowerLaw for s in scfs):
+        return population_terms(scfs, f, weights, m_max, ratios)
     terms = [_population_terms(scf, f, weights, m_max, ratios) for scf in scfs]
     return jnp.stack([t[0] for t in terms]), jnp.stack([t[1] for t in terms])
 

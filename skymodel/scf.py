@@ -32,6 +32,8 @@ import numpy as np
 from jax.scipy.special import gammaln
 
 from skymodel._special import (
+    _LOG_FACT,
+    SERIES_TERMS,
     Y_SPLIT,
     _cf_upper_many,
     _power_interval,
@@ -156,56 +158,18 @@ def _direct_orders(indices, m_max: int, max_index) -> int:
     return int(min(m_max, max(1, math.floor(float(max_index)))))
 
 
-def generating_terms(
-    A: Float[ArrayLike, ""] | float,
-    indices: Float[ArrayLike, " nseg"] | Sequence[float],
-    breaks: Float[ArrayLike, " nbreak"] | Sequence[float],
-    f: Float[ArrayLike, " nf"] | Sequence[float],
-    weights: Float[ArrayLike, " nf"] | Sequence[float],
-    m_max: int,
-    ratio: Float[ArrayLike, ""] | float = 1.0,
-    max_index: float | None = None,
-    min_index: float | None = None,
-) -> tuple[Float[Array, " nm"], Float[Array, ""]]:
-    """x_m (m = 1..m_max, shape (m_max,)) and x_total = sum_{m>=1} x_m, per unit template.
-
-    A, indices (n1..n_{B+1}), breaks (S_b1 > ... > S_bB, counts): the broken power law;
-    (f, weights): PSF-correction table (fraction of flux in the pixel, df rho(f) / f);
-    the delta PSF is f = [1], weights = [1].
-    ratio: exposure-region ratio eps_r / mean eps (breaks * ratio, A / ratio).
-    max_index, min_index: static bounds on the indices (e.g. a prior's edges); needed only
-    when the indices are traced and may exceed DEFAULT_MAX_INDEX or go below
-    DEFAULT_MIN_INDEX. Tighter bounds make the kernel smaller (it stays exact).
-    Exact (incomplete gamma functions), differentiable in A, indices, breaks, f, ratio.
-    """
-    m_max = int(m_max)
-    if m_max < 1:
-        raise ValueError(f"m_max must be >= 1, got {m_max}")
+def _prepared(A, indices, breaks, m_max: int, max_index, min_index):
+    """One SCF's (A, indices, breaks) as float64, checked (ValueError when concrete, an
+    error under jit when traced), and its static kernel bounds (K, L): every index lies in
+    [-L, K + 1) (`_direct_orders`, `_low_orders`)."""
     A = _f64(A)
     indices = _f64(indices)
     breaks = _f64(breaks)
-    f = _f64(f)
-    weights = _f64(weights)
-    ratio = _f64(ratio)
     _check_shapes(indices, breaks)
-    if jnp.ndim(f) != 1 or jnp.shape(f) != jnp.shape(weights) or jnp.shape(f)[0] < 1:
-        raise ValueError(
-            f"PSF table f and weights must be 1-d of equal, nonzero length, got shapes "
-            f"{jnp.shape(f)} and {jnp.shape(weights)}"
-        )
-    if jnp.ndim(A) != 0 or jnp.ndim(ratio) != 0:
-        raise ValueError(
-            f"A and ratio must be scalars, got shapes {jnp.shape(A)}, {jnp.shape(ratio)}"
-        )
+    if jnp.ndim(A) != 0:
+        raise ValueError(f"A must be a scalar, got shape {jnp.shape(A)}")
     if not is_traced(A, indices, breaks):
         _check_concrete(A, indices, breaks)
-    if not is_traced(f, weights, ratio):
-        if not (np.all(np.asarray(f) > 0) and np.all(np.isfinite(np.asarray(f)))):
-            raise ValueError(f"PSF-correction fractions f must be positive, got {np.asarray(f)}")
-        if not np.all(np.asarray(weights) >= 0):
-            raise ValueError(f"PSF-correction weights must be >= 0, got {np.asarray(weights)}")
-        if not (np.asarray(ratio) > 0 and np.isfinite(np.asarray(ratio))):
-            raise ValueError(f"exposure ratio must be positive, got {np.asarray(ratio)}")
     K = _direct_orders(indices, m_max, max_index)
     if K < m_max:
         # orders m <= n (a <= 1) must all lie in the small-order block 1..K
@@ -230,10 +194,100 @@ def generating_terms(
         jnp.any(indices < -L),
         f"an SCF index is below its static bound min_index={-L} (pass a smaller min_index)",
     )
-    A = _check_traced(A, indices, breaks)
+    return _check_traced(A, indices, breaks), indices, breaks, K, L
+
+
+def _prepared_psf(f, weights, ratios):
+    """The PSF-correction table (f, weights) and the exposure ratios (nreg,), float64 and
+    checked."""
+    f = _f64(f)
+    weights = _f64(weights)
+    ratios = _f64(ratios)
+    if jnp.ndim(f) != 1 or jnp.shape(f) != jnp.shape(weights) or jnp.shape(f)[0] < 1:
+        raise ValueError(
+            f"PSF table f and weights must be 1-d of equal, nonzero length, got shapes "
+            f"{jnp.shape(f)} and {jnp.shape(weights)}"
+        )
+    if not is_traced(f, weights, ratios):
+        if not (np.all(np.asarray(f) > 0) and np.all(np.isfinite(np.asarray(f)))):
+            raise ValueError(f"PSF-correction fractions f must be positive, got {np.asarray(f)}")
+        if not np.all(np.asarray(weights) >= 0):
+            raise ValueError(f"PSF-correction weights must be >= 0, got {np.asarray(weights)}")
+        r = np.asarray(ratios)
+        if not (np.all(r > 0) and np.all(np.isfinite(r))):
+            raise ValueError(f"exposure ratio must be positive, got {r}")
     f = eqx.error_if(f, jnp.any(~(f > 0)), "PSF-correction fractions f must be positive")
-    ratio = eqx.error_if(ratio, ~(ratio > 0), "exposure ratio must be positive")
-    return _generating_terms(A, indices, breaks, f, weights, m_max, ratio, K, L)
+    ratios = eqx.error_if(ratios, jnp.any(~(ratios > 0)), "exposure ratio must be positive")
+    return f, weights, ratios
+
+
+def _checked_m_max(m_max) -> int:
+    m_max = int(m_max)
+    if m_max < 1:
+        raise ValueError(f"m_max must be >= 1, got {m_max}")
+    return m_max
+
+
+def generating_terms(
+    A: Float[ArrayLike, ""] | float,
+    indices: Float[ArrayLike, " nseg"] | Sequence[float],
+    breaks: Float[ArrayLike, " nbreak"] | Sequence[float],
+    f: Float[ArrayLike, " nf"] | Sequence[float],
+    weights: Float[ArrayLike, " nf"] | Sequence[float],
+    m_max: int,
+    ratio: Float[ArrayLike, ""] | float = 1.0,
+    max_index: float | None = None,
+    min_index: float | None = None,
+) -> tuple[Float[Array, " nm"], Float[Array, ""]]:
+    """x_m (m = 1..m_max, shape (m_max,)) and x_total = sum_{m>=1} x_m, per unit template.
+
+    A, indices (n1..n_{B+1}), breaks (S_b1 > ... > S_bB, counts): the broken power law;
+    (f, weights): PSF-correction table (fraction of flux in the pixel, df rho(f) / f);
+    the delta PSF is f = [1], weights = [1].
+    ratio: exposure-region ratio eps_r / mean eps (breaks * ratio, A / ratio).
+    max_index, min_index: static bounds on the indices (e.g. a prior's edges); needed only
+    when the indices are traced and may exceed DEFAULT_MAX_INDEX or go below
+    DEFAULT_MIN_INDEX. Tighter bounds make the kernel smaller (it stays exact).
+    Exact (incomplete gamma functions), differentiable in A, indices, breaks, f, ratio.
+    """
+    m_max = _checked_m_max(m_max)
+    A, indices, breaks, K, L = _prepared(A, indices, breaks, m_max, max_index, min_index)
+    if jnp.ndim(ratio) != 0:
+        raise ValueError(f"ratio must be a scalar, got shape {jnp.shape(ratio)}")
+    f, weights, ratios = _prepared_psf(f, weights, jnp.reshape(_f64(ratio), (1,)))
+    x, x_total = _generating_terms(A[None], (indices,), (breaks,), f, weights, ratios, m_max, K, L)
+    return x[0, 0], x_total[0, 0]
+
+
+def population_terms(
+    scfs: Sequence["BrokenPowerLaw"],
+    f: Float[ArrayLike, " nf"] | Sequence[float],
+    weights: Float[ArrayLike, " nf"] | Sequence[float],
+    m_max: int,
+    ratios: Float[ArrayLike, " nreg"] | Sequence[float] = (1.0,),
+) -> tuple[Float[Array, "npop nreg nm"], Float[Array, "npop nreg"]]:
+    """`generating_terms` of several broken power laws (any numbers of breaks) at several
+    exposure ratios, in one kernel: x (npop, nreg, m_max) and x_total (npop, nreg).
+
+    The populations' segments and the regions' PSF bins (ratio * f) are laid side by side
+    in one evaluation (with the widest of the populations' static index bounds, which
+    stays exact), instead of one evaluation per population and region.
+    """
+    m_max = _checked_m_max(m_max)
+    scfs = tuple(scfs)
+    if not scfs:
+        raise ValueError("population_terms needs at least one SCF")
+    prepared = [_prepared(s.A, s.indices, s.breaks, m_max, s.max_index, s.min_index) for s in scfs]
+    A = jnp.stack([p[0] for p in prepared])
+    K = max(p[3] for p in prepared)
+    L = max(p[4] for p in prepared)
+    if jnp.ndim(ratios) != 1:
+        raise ValueError(f"ratios must be 1-d (nreg,), got shape {jnp.shape(ratios)}")
+    f, weights, ratios = _prepared_psf(f, weights, ratios)
+    return _generating_terms(
+        A, tuple(p[1] for p in prepared), tuple(p[2] for p in prepared), f, weights, ratios,
+        m_max, K, L,
+    )
 
 
 def _safe(cond, x, fill):
@@ -262,6 +316,11 @@ def _density(a, ys, logy):
     return jnp.exp(-ys + (a - 1.0) * logy - gammaln(a))
 
 
+def _log_factorial(m) -> np.ndarray:
+    """log m! of a static integer array (float64 numpy constant)."""
+    return np.vectorize(lambda v: math.lgamma(v + 1.0))(np.asarray(m, dtype=np.float64))
+
+
 def _q_up(Q_alpha, alpha, steps, ys, logy, ok, max_steps: int):
     """Q(alpha + steps, y) = Q(alpha, y) + sum_{i=1..steps} r(alpha + i, y): the upward
     recurrence (positive terms), steps <= max_steps (static) an integer-valued array."""
@@ -277,10 +336,49 @@ def _p_series(a, ys, logy, ok, terms: int):
     return jnp.sum(jnp.where(ok, _density(a + i, ys, logy), 0.0), axis=0)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 7, 8))
-def _generating_terms(A, indices, breaks, f, weights, m_max: int, ratio, K: int, L: int):
-    """Exact x_m by recurrences in m of regularised incomplete gamma functions.
+def _seed_series(alpha, ys):
+    """The parts below Y_SPLIT of the five seeds of `_generating_terms`, (5,) + ys.shape:
+    with u = min(y, Y_SPLIT) at the endpoints ys = (lo, hi) (shape (2, nf, nseg)) and
+    alpha (nseg,) in (0, 1],
 
+        [ int_u^Y t^(alpha-1) e^-t  (lo, hi),  int_u^Y t^(alpha-2) e^-t  (lo, hi),
+          int_0^u_hi t^(alpha-1) e^-t ],
+
+    by e^-t = sum_k (-t)^k / k! integrated term by term. All three share the powers
+    u^(alpha+k), so there is one exp per endpoint and term (not one exp, log and expm1 per
+    seed and term as in `_series_interval`). Terms whose exponent b = alpha + k - 1 or
+    alpha + k - 2 may be near 0 (k <= 1) use the stable `_power_interval`; the others have
+    b > 1, where (Y^b - u^b) / b loses at most an absolute ~1e-15 next to Gamma(a, Y) >=
+    0.003 that the seeds add to it.
+    """
+    u = jnp.minimum(ys, Y_SPLIT)  # (2, nf, nseg)
+    k = np.arange(SERIES_TERMS, dtype=np.float64)
+    coef = np.where(k % 2 == 0, 1.0, -1.0) * np.exp(-_LOG_FACT[:SERIES_TERMS])  # (-1)^k / k!
+    b = alpha + k[:, None]  # (K, nseg): exponents alpha + k
+    power = jnp.exp(b[:, None, None, :] * jnp.log(u))  # (K, 2, nf, nseg): u^(alpha + k)
+    top = jnp.exp(b * math.log(Y_SPLIT))  # Y^(alpha + k)
+    diff = (top[:, None, None, :] - power)[1:]  # Y^b - u^b for b = alpha + k, k >= 1
+    c_a = coef[1:, None] / b[1:]  # seed alpha, terms k >= 1
+    c_b = coef[2:, None] / b[1:-1]  # seed alpha - 1, terms k >= 2 (b = alpha + k - 1)
+    stable_a = _power_interval(alpha, u, Y_SPLIT)  # int_u^Y t^(alpha-1): k = 0 of seed alpha
+    stable_b = _power_interval(alpha - 1.0, u, Y_SPLIT)
+    seed_a = stable_a + jnp.einsum("ks,kefs->efs", c_a, diff)
+    # seed alpha - 1: k = 0 is int t^(alpha-2), k = 1 is -int t^(alpha-1)
+    seed_b = stable_b - stable_a + jnp.einsum("ks,kefs->efs", c_b, diff[:-1])
+    # [0, u_hi] at alpha: sum_k (-1)^k / k! u^(alpha+k) / (alpha + k), no difference to take
+    seed_0 = jnp.einsum("ks,kfs->fs", coef[:, None] / b, power[:, 1])
+    return jnp.concatenate([seed_a, seed_b, seed_0[None]])
+
+
+@functools.partial(jax.jit, static_argnums=(6, 7, 8))
+def _generating_terms(A, indices, breaks, f, weights, ratios, m_max: int, K: int, L: int):
+    """Exact x_m (npop, nreg, m_max) and x_total (npop, nreg) of broken power laws
+    (A: (npop,); indices, breaks: tuples of each population's arrays) in exposure regions
+    (ratios: (nreg,)), by recurrences in m of regularised incomplete gamma functions.
+
+    All populations' segments lie along one segment axis and all regions' PSF bins
+    (c = ratio f_i) along one bin axis, so one evaluation serves them all; below,
+    "segment" and "PSF bin" mean entries of these axes.
     Per PSF bin i and segment j (dN/dS / A = v_j (S/P_j)^-n_j on [lower_j, upper_j)),
     with c = ratio f_i (the breaks stay, the ratio moves into the kernel):
 
@@ -307,11 +405,18 @@ def _generating_terms(A, indices, breaks, f, weights, m_max: int, ratio, K: int,
     at a = 1 - n from the same seeds). No jax.scipy incomplete gamma function (their
     convergence loops dominated the run and compile time).
     """
-    lower, upper, pivot, logv = _segments(indices, breaks)
-    n = indices  # (nseg,)
-    c = ratio * f  # (nf,)
+    npop, nreg, nf = A.shape[0], ratios.shape[0], f.shape[0]
+    lower, upper, pivot, logv = (
+        jnp.concatenate(parts) for parts in zip(*map(_segments, indices, breaks))
+    )
+    n = jnp.concatenate(indices)  # (nseg,): all populations' segments
+    # A of the population each segment belongs to, 0 elsewhere: (npop, nseg)
+    owner = np.repeat(np.arange(npop), [i.shape[0] for i in indices])
+    A_seg = jnp.where(owner[None, :] == np.arange(npop)[:, None], A[:, None], 0.0)
+    c = (ratios[:, None] * f[None, :]).reshape(-1)  # (nf,) from here on: nreg * nf bins
+    wf = jnp.tile(weights * f, nreg)
     log_cp = jnp.log(c)[:, None] + jnp.log(pivot)[None, :]  # (nf, nseg)
-    pref = (weights * f)[:, None] * jnp.exp(logv + jnp.log(pivot) + (n - 1.0) * log_cp)
+    pref = wf[:, None] * jnp.exp(logv + jnp.log(pivot) + (n - 1.0) * log_cp)
     lo = c[:, None] * lower[None, :]  # (nf, nseg); last column 0
     # first column inf (built without inf * c, whose derivative would be inf * 0 = NaN)
     top = jnp.isinf(upper)
@@ -339,17 +444,15 @@ def _generating_terms(A, indices, breaks, f, weights, m_max: int, ratio, K: int,
     m_top = jnp.clip(jnp.floor(n), -L, K)  # (nseg,) largest m with a_m <= 1 (may be <= 0)
     alpha = m_top + 1.0 - n  # in (0, 1]
     ok1 = m_top >= 2.0
-    a_first = jnp.where(2.0 - n <= 1.0, 2.0 - n, 1.0)
-    a_first = _safe(a_first > 0.0, a_first, 0.5)
-    hi0 = _safe(y_ok[1], hi, 1.0)
+    # the last segment's lowest order on [0, hi] is needed where 1 <= n < 2, i.e. at alpha
     a_s = jnp.concatenate([
         jnp.broadcast_to(alpha, y.shape),
-        jnp.broadcast_to(_safe(ok1, alpha - 1.0, 0.5), y.shape),
-        jnp.broadcast_to(a_first, hi.shape)[None],
+        jnp.broadcast_to(alpha - 1.0, y.shape),
+        jnp.broadcast_to(alpha, hi.shape)[None],
     ])  # (5, nf, nseg)
     lo_s = jnp.concatenate([ys, ys, jnp.zeros((1,) + hi.shape)])
-    hi_s = jnp.concatenate([jnp.full((4,) + hi.shape, jnp.inf), hi0[None]])
-    series = _series_interval(a_s, jnp.minimum(lo_s, Y_SPLIT), jnp.minimum(hi_s, Y_SPLIT), 0)
+    hi_s = jnp.concatenate([jnp.full((4,) + hi.shape, jnp.inf), ys[1:]])
+    series = _seed_series(alpha, ys)
 
     # ---- small orders (a <= 1) above Y_SPLIT: continued fraction
     md = jnp.arange(1, K + 1, dtype=jnp.float64)  # (K,)
@@ -376,7 +479,8 @@ def _generating_terms(A, indices, breaks, f, weights, m_max: int, ratio, K: int,
 
     # ---- small orders below Y_SPLIT: seeds and the downward recurrence
     k = md[:, None, None, None] + 1.0
-    T_next = jnp.where(y_ok, jnp.exp(-ys + (k - n) * logy - gammaln(k + 1.0)), 0.0)  # T_{m+1}
+    log_fact_k = _log_factorial(np.arange(2, K + 2)).reshape(-1, 1, 1, 1)
+    T_next = jnp.where(y_ok, jnp.exp(-ys + (k - n) * logy - log_fact_k), 0.0)  # T_{m+1}
 
     def down(U_next, inp):
         mm, am, Tn = inp  # order m, a_m, T_{m+1}
@@ -390,7 +494,7 @@ def _generating_terms(A, indices, breaks, f, weights, m_max: int, ratio, K: int,
         down, jnp.zeros(y.shape), (md, jnp.broadcast_to(a_d, (K,) + y.shape), T_next),
         reverse=True,
     )
-    cf_main = cf_main * jnp.exp(-gammaln(md + 1.0))[:, None, None, None]
+    cf_main = cf_main * np.exp(-_log_factorial(np.arange(1, K + 1)))[:, None, None, None]
     U_dir = jnp.where(big, cf_main, jnp.where(small, U_down, 0.0))  # (K, 2, nf, nseg)
     U_dir = jnp.concatenate([U_dir, jnp.zeros((M - K,) + y.shape)]) if M > K else U_dir
 
@@ -413,7 +517,7 @@ def _generating_terms(A, indices, breaks, f, weights, m_max: int, ratio, K: int,
     # ---- combine per order and segment
     a3 = a[:, 0]  # (M, 1, nseg)
     a_pos = jnp.where(a3 > 1.0, a3, 2.0)
-    g = jnp.exp(gammaln(a_pos) - gammaln(m + 1.0)[:, None, None])
+    g = jnp.exp(gammaln(a_pos) - _log_factorial(np.arange(1, M + 1))[:, None, None])
     Q_lo, Q_hi = Qn[:, 0], jnp.where(y_inf[1], 0.0, Qn[:, 1])  # (M, nf, nseg)
     P_lo, P_hi = jnp.where(y_zero[0], 0.0, Pn[:, 0]), Pn[:, 1]
     I_rec = g * jnp.where(
@@ -423,7 +527,8 @@ def _generating_terms(A, indices, breaks, f, weights, m_max: int, ratio, K: int,
     U_lo, U_hi = U_dir[:, 0], jnp.where(y_inf[1], 0.0, U_dir[:, 1])
     I_dir = jnp.where(y_zero[0], I0, U_lo - U_hi)
     I = jnp.where(a3 > 1.0, I_rec, I_dir)
-    x_m = A * jnp.einsum("mfs,fs->m", I, pref)
+    pref_r = pref.reshape(nreg, nf, -1)
+    x_m = jnp.einsum("mrfs,rfs,ps->prm", I.reshape(M, nreg, nf, -1), pref_r, A_seg)
 
     # ---- x_total: integral of t^-n (1 - e^-t) over [lo, hi] per segment
     u, v = jnp.minimum(lo, Y_SPLIT), jnp.minimum(hi, Y_SPLIT)
@@ -451,7 +556,7 @@ def _generating_terms(A, indices, breaks, f, weights, m_max: int, ratio, K: int,
         )
         gam = jnp.where(a0_small, gam, gam_big)
     J = J_series + jnp.where(empty, 0.0, power - gam)
-    x_total = A * jnp.sum(pref * J)
+    x_total = jnp.einsum("rfs,rfs,ps->pr", J.reshape(nreg, nf, -1), pref_r, A_seg)
     return x_m, x_total
 
 
@@ -564,4 +669,4 @@ class BrokenPowerLaw(eqx.Module):
         )
 
 
-__all__ = ["BrokenPowerLaw", "generating_terms"]
+__all__ = ["BrokenPowerLaw", "generating_terms", "population_terms"]

@@ -142,20 +142,25 @@ def test_matches_mpmath_compound_poisson(psf):
     np.testing.assert_allclose(got, ref, rtol=1e-10)
 
 
-def test_populations_of_one_structure_are_batched_and_equal_the_loop(monkeypatch):
-    """Populations with the same number of breaks are evaluated as one vmapped SCF; the
-    result equals the population-by-population loop (used for mixed structures)."""
+def test_populations_and_regions_in_one_kernel_equal_one_by_one():
+    """Broken power laws of any structures are evaluated in one kernel (populations'
+    segments and regions' PSF bins side by side, widest static index bounds); it equals
+    generating_terms population by population and region by region, each with its own
+    bounds."""
     import skymodel.likelihood as L
 
-    counts, mu, T, region, ratios = _setup(n=14, kmax=22, seed=3)
-    same = [BrokenPowerLaw(0.3, [9.0, 1.5, -1.0], [12.0, 3.0], max_index=10.0),
-            BrokenPowerLaw(0.2, [6.0, 0.5, -2.0], [8.0, 2.0], max_index=12.0)]
-    assert L._stackable(same) is not None
-    assert L._stackable([SCF1, SCF2]) is None  # one and two breaks: the loop
-    batched = nptf_loglike(counts, mu, T, same, PSF_TABLE, (region, ratios))
-    monkeypatch.setattr(L, "_stackable", lambda scfs: None)
-    looped = nptf_loglike(counts, mu, T, same, PSF_TABLE, (region, ratios))
-    np.testing.assert_allclose(batched, looped, rtol=1e-13)
+    ratios = np.array([0.7, 1.0, 1.6])
+    scfs = [BrokenPowerLaw(0.3, [9.0, 1.5, -1.0], [12.0, 3.0], max_index=10.0),
+            BrokenPowerLaw(0.2, [6.0, 0.5, -2.0], [8.0, 2.0], max_index=12.0, min_index=-3.0),
+            SCF1]
+    f, w = np.asarray(PSF_TABLE.f), np.asarray(PSF_TABLE.weights)
+    x, xt = L._all_population_terms(scfs, f, w, 25, jnp.asarray(ratios))
+    assert x.shape == (3, 3, 25) and xt.shape == (3, 3)
+    for p, s in enumerate(scfs):
+        for r, rr in enumerate(ratios):
+            xm, tot = s.generating_terms(f, w, 25, float(rr))
+            np.testing.assert_allclose(x[p, r], xm, rtol=1e-13)
+            np.testing.assert_allclose(xt[p, r], tot, rtol=1e-13)
 
 
 def test_from_terms_matches_mpmath_random_x():
