@@ -108,21 +108,54 @@ def _series_interval(a, u, v, k0: int):
     return jnp.sum((sign * inv_fact * terms)[..., ::-1], axis=-1)
 
 
+def _cf_loop(a, y, with_partials: bool):
+    """Legendre's continued fraction for Gamma(a, y), y finite, CF_TERMS terms evaluated
+    backwards; with `with_partials` also d/da and d/dy of the same truncated fraction,
+    carried through the loop (forward mode)."""
+    a, y = jnp.broadcast_arrays(jnp.asarray(a, jnp.float64), jnp.asarray(y, jnp.float64))
+    zero = jnp.zeros_like(a)
+
+    def term(i, carry):  # k = CF_TERMS - i, from the tail of the fraction inwards
+        t, t_a, t_y = carry
+        k = (CF_TERMS - i).astype(jnp.float64)
+        inv_d = 1.0 / (y + (2.0 * k + 1.0) - a - t)
+        q = k * (k - a) * inv_d
+        if not with_partials:
+            return q, t_a, t_y
+        return q, (q * (1.0 + t_a) - k) * inv_d, -q * (1.0 - t_y) * inv_d
+
+    # a loop, not unrolled: the unrolled fraction dominated compile time
+    t, t_a, t_y = jax.lax.fori_loop(0, CF_TERMS, term, (zero, zero, zero))
+    inv_b = 1.0 / (y + 1.0 - a - t)
+    logy = jnp.log(y)
+    val = jnp.exp(a * logy - y) * inv_b
+    if not with_partials:
+        return val, None, None
+    return val, val * (logy + (1.0 + t_a) * inv_b), val * (a / y - 1.0 - (1.0 - t_y) * inv_b)
+
+
+@jax.custom_jvp
+def _cf_finite(a, y):
+    return _cf_loop(a, y, False)[0]
+
+
+@_cf_finite.defjvp
+def _cf_finite_jvp(primals, tangents):
+    # The derivative of the loop is carried forward in the same loop: reverse mode then
+    # keeps two arrays instead of every iteration's state (which cost more than the
+    # fraction itself in a value+gradient).
+    a, y = primals
+    da, dy = tangents
+    val, d_a, d_y = _cf_loop(a, y, True)
+    return val, d_a * da + d_y * dy
+
+
 def _cf_upper(a, y):
     """Gamma(a, y) for y >= Y_SPLIT (y = inf gives 0) and a <= A_CUT: Legendre continued
     fraction, CF_TERMS terms, evaluated backwards."""
     y_inf = jnp.isinf(y)
     ys = jnp.where(y_inf, Y_SPLIT, y)
-    t = jnp.zeros(jnp.broadcast_shapes(jnp.shape(a), jnp.shape(ys)), dtype=jnp.float64)
-
-    def term(i, t):  # k = CF_TERMS - i, from the tail of the fraction inwards
-        k = (CF_TERMS - i).astype(jnp.float64)
-        return k * (k - a) / (ys + (2.0 * k + 1.0) - a - t)
-
-    # a loop, not unrolled: the unrolled fraction (and its gradient) dominated compile time
-    t = jax.lax.fori_loop(0, CF_TERMS, term, t)
-    val = jnp.exp(a * jnp.log(ys) - ys) / (ys + 1.0 - a - t)
-    return jnp.where(y_inf, 0.0, val)
+    return jnp.where(y_inf, 0.0, _cf_finite(*jnp.broadcast_arrays(a, ys)))
 
 
 def _cf_upper_many(*pairs):
