@@ -269,8 +269,8 @@ def _history_rows(K: int) -> int:
 
 def _weights(mu, x):
     """Recursion weights (K, c), row j-1 = j x'_j (x'_1 = mu + x_1), from mu: (c,) and
-    x: (c, K)."""
-    return (x.at[:, 0].add(mu) * jnp.arange(1, x.shape[1] + 1, dtype=x.dtype)).T
+    x: (K, c)."""
+    return x.at[0].add(mu) * jnp.arange(1, x.shape[0] + 1, dtype=x.dtype)[:, None]
 
 
 def _phase_scan(h, logc, w, kp, last, k_lo: int):
@@ -346,11 +346,11 @@ def _phased(mus, xs, xtots, kps, with_ratio: bool):
     h = jnp.ones((1, kp.shape[0]), logc.dtype)
     k_lo, start, out = 0, 0, []
     for g in range(G):
-        K = xs[g].shape[1]
+        K = xs[g].shape[0]
         w = jnp.concatenate([ws[j][:K] for j in range(g, G)], axis=1)
         h = jnp.pad(h, ((0, _history_rows(K) - h.shape[0]), (0, 0)))
         h, logc = _phase_scan(h, logc, w, kp[start:], last[start:], k_lo)
-        n = xs[g].shape[0]
+        n = xs[g].shape[1]
         out.append(_finish(h[:, :n], logc[:n], kps[g], K, with_ratio))
         h, logc = h[:, n:], logc[n:]
         start, k_lo = start + n, K
@@ -360,7 +360,7 @@ def _phased(mus, xs, xtots, kps, with_ratio: bool):
 
 @jax.custom_vjp
 def _groups_logp(mus, xs, xtots, kps):
-    """log p_kp per pixel of each group (tuples over groups; xs[g]: (n_g, K_g), K_g >= 1
+    """log p_kp per pixel of each group (tuples over groups; xs[g]: (K_g, n_g), K_g >= 1
     static from the shapes and ascending)."""
     return _phased(mus, xs, xtots, kps, False)
 
@@ -371,7 +371,7 @@ def _groups_logp_fwd(mus, xs, xtots, kps):
 
 def _groups_logp_bwd(ratios, gs):
     d_mu = tuple(g * (r[0] - 1.0) for g, r in zip(gs, ratios))
-    d_x = tuple((g[None, :] * r).T for g, r in zip(gs, ratios))
+    d_x = tuple(g[None, :] * r for g, r in zip(gs, ratios))
     d_xtot = tuple(-g for g in gs)
     return d_mu, d_x, d_xtot, tuple(None for _ in gs)
 
@@ -434,7 +434,7 @@ def nptf_loglike_from_terms(
     nm = x_pix.shape[1]
     if nm < plan.k_max:
         x_pix = jnp.pad(x_pix, ((0, 0), (0, plan.k_max - nm)))
-    return _grouped(counts, mu, plan, lambda idx, K: (x_pix[idx, :K], x_total[idx]))
+    return _grouped(counts, mu, plan, lambda idx, K: (x_pix[idx, :K].T, x_total[idx]))
 
 
 _PLAN_MISMATCH = "counts do not match the CountPlan (was it built from other counts?)"
@@ -452,7 +452,8 @@ def _plan_conditions(counts, plan: CountPlan):
 
 
 def _grouped(counts, mu, plan: CountPlan, terms) -> Float[Array, " npix"]:
-    """Assemble per-pixel log p from the groups; terms(idx, K) -> (x (n_g, K), xtot (n_g,))."""
+    """Assemble per-pixel log p from the groups; terms(idx, K) -> (x (K, n_g), xtot (n_g,)),
+    x[m-1, i] = x_m of the group's pixel i (orders first: the recursion's layout)."""
     out = jnp.zeros(plan.n_pixels, jnp.float64)
     mus, xs, xtots, kps, idxs = [], [], [], [], []
     for idx, kp, K in zip(plan.index, plan.counts, plan.group_kmax):
@@ -578,14 +579,17 @@ def nptf_loglike(
          "SCF total sum_m x_m is negative or not finite (check the SCF parameters)"),
     ] + _plan_conditions(counts, plan))
 
+    n_region = ratios.shape[0]
+
     def terms(idx, K):
-        T = ps_templates[:, idx]  # (npop, n_g)
-        reg = region[idx]
-        xtot = jnp.einsum("pi,pi->i", T, Xtot[:, reg])
-        if K == 0:
-            return jnp.zeros((idx.shape[0], 0), jnp.float64), xtot
-        x = jnp.einsum("pi,pim->im", T, X[:, reg, :K])
-        return x, xtot
+        # template of each population in each region, zero outside it: (npop, nregion, n_g),
+        # so that x is one matrix product over (population, region) in the recursion's
+        # layout (orders first), not a per-pixel gather and a transpose (and in the
+        # gradient a scatter-add)
+        in_region = region[idx][None, :] == jnp.arange(n_region)[:, None]
+        TR = jnp.where(in_region[None], ps_templates[:, None, idx], 0.0)
+        xtot = jnp.einsum("pr,pri->i", Xtot, TR)
+        return jnp.einsum("prm,pri->mi", X[:, :, :K], TR), xtot
 
     return _grouped(counts, mu, plan, terms)
 
