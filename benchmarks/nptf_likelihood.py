@@ -2,15 +2,17 @@
 
 ROI: r < 25 deg from the GC, |b| > 2 deg, 3FGL sources masked (0.8 deg). Cases: 1 and 2
 populations, one and two breaks, delta and King PSF, 1 and 7 exposure regions. For each:
-compile time (first call), value time and value+grad time per evaluation (median of
-repeats, block_until_ready), with the data (counts, count plan, exposure regions, PSF
-table) constants of the compiled function as in a fit. A straightforward REFERENCE is
-measured in the same run: x_m by numerical S-grid integration (1,000 log-spaced points in S
+compile time (first call), value time and value+grad time per evaluation (median and
+minimum of --repeats calls, block_until_ready), with the data (counts, count plan, exposure
+regions, PSF table) constants of the compiled function as in a fit. A straightforward
+REFERENCE is measured in the same run, right after ours. Calls of the same implementation
+take turns in --rounds rounds (value, value+grad, value, ...), so that both see the same
+phases of this machine's varying speed: x_m by numerical S-grid integration (1,000 log-spaced points in S
 in [0.1, 100]) and the p_k recursion unrolled in Python up to k_max, jitted (as the paper's
 code does).
 
 Usage: SKYMODEL_DATA=/path/to/data python benchmarks/nptf_likelihood.py [--out FILE]
-       [--repeats N] [--quick]
+       [--repeats N] [--rounds R] [--quick]
 """
 
 from __future__ import annotations
@@ -66,16 +68,26 @@ def scf_params(n_breaks: int):
     return [(0.05, [10.0, 1.9, -1.0], [20.0, 5.0]), (0.03, [8.0, 1.5, -2.0], [15.0, 3.0])]
 
 
-def timeit(fn, args, repeats):
+def first_call(fn, args):
+    """Seconds of the first call (trace + compile + one evaluation)."""
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t)
-    return first, float(np.median(ts)), float(np.min(ts))
+    return time.perf_counter() - t
+
+
+def interleaved(entries, rounds):
+    """Per entry (fn, args, calls per round): (median, min) seconds per call over all its
+    calls, the entries taking turns round by round. This machine's speed changes by up to
+    ~2x for seconds to minutes at a time; taking turns exposes the entries (value and
+    value+gradient) to the same mix of fast and slow phases."""
+    samples = [[] for _ in entries]
+    for _ in range(rounds):
+        for s, (fn, args, calls) in zip(samples, entries):
+            for _ in range(calls):
+                t = time.perf_counter()
+                jax.block_until_ready(fn(*args))
+                s.append(time.perf_counter() - t)
+    return [(float(np.median(s)), float(np.min(s))) for s in samples]
 
 
 # ----------------------------------------------------------------------------- reference
@@ -134,7 +146,9 @@ def reference_loglike_factory(k, T, region, ratios, f, w, k_max, npop):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/nptf_likelihood.json")
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=20, help="calls of each of ours per case")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds in which the functions take turns (the reference: one call each)")
     ap.add_argument("--quick", action="store_true", help="only the target case")
     ap.add_argument("--no-reference", action="store_true")
     args = ap.parse_args(argv)
@@ -176,30 +190,37 @@ def main(argv=None):
         val = jax.jit(total)
         vg = jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2)))
         a = (jnp.asarray(mu), jnp.asarray(T), params)
-        c_v, t_v, tmin_v = timeit(val, a, args.repeats)
-        c_g, t_g, tmin_g = timeit(vg, a, args.repeats)
-        row = dict(npop=npop, n_breaks=nb, psf=psf_name, n_regions=nreg, n_pixels=int(k.size),
-                   k_max=int(k.max()), groups=list(plan.group_kmax), value=float(val(*a)),
-                   compile_value_s=c_v, compile_grad_s=c_g, value_ms=t_v * 1e3,
-                   value_min_ms=tmin_v * 1e3, value_grad_ms=t_g * 1e3, value_grad_min_ms=tmin_g * 1e3)
-        if not args.no_reference and (npop, nb, psf_name, nreg) == (2, 2, "king", 7):
+        c_v, c_g = first_call(val, a), first_call(vg, a)
+        per_round = max(1, args.repeats // args.rounds)
+        (t_v, tmin_v), (t_g, tmin_g) = interleaved([(val, a, per_round), (vg, a, per_round)],
+                                                   args.rounds)
+        # The reference is timed after ours, not in the same rounds: in a run that mixed
+        # them, ours took about twice as long as in runs that did not (the reference's
+        # value+gradient allocates hundreds of megabytes per call).
+        with_ref = not args.no_reference and (npop, nb, psf_name, nreg) == (2, 2, "king", 7)
+        if with_ref:
             f = jnp.asarray(king.f)
             w = jnp.asarray(king.weights * king.f)  # PSF measure df rho = w f
             ref = reference_loglike_factory(kj, jnp.asarray(T), region, ratios, f, w, int(k.max()), npop)
             rv = jax.jit(ref)
             rg = jax.jit(jax.value_and_grad(ref, argnums=(0, 1, 2)))
-            ra = (jnp.asarray(mu), jnp.asarray(T), params)
-            rc_v, rt_v, _ = timeit(rv, ra, max(3, args.repeats // 4))
-            rc_g, rt_g, _ = timeit(rg, ra, max(3, args.repeats // 4))
-            row.update(ref_value=float(rv(*ra)), ref_compile_value_s=rc_v, ref_compile_grad_s=rc_g,
+            rc_v, rc_g = first_call(rv, a), first_call(rg, a)
+            (rt_v, _), (rt_g, _) = interleaved([(rv, a, 1), (rg, a, 1)], args.rounds)
+        row = dict(npop=npop, n_breaks=nb, psf=psf_name, n_regions=nreg, n_pixels=int(k.size),
+                   k_max=int(k.max()), groups=list(plan.group_kmax), value=float(val(*a)),
+                   compile_value_s=c_v, compile_grad_s=c_g, value_ms=t_v * 1e3,
+                   value_min_ms=tmin_v * 1e3, value_grad_ms=t_g * 1e3, value_grad_min_ms=tmin_g * 1e3,
+                   calls=per_round * args.rounds)
+        if with_ref:
+            row.update(ref_value=float(rv(*a)), ref_compile_value_s=rc_v, ref_compile_grad_s=rc_g,
                        ref_value_ms=rt_v * 1e3, ref_value_grad_ms=rt_g * 1e3,
-                       speedup_value=rt_v / t_v, speedup_value_grad=rt_g / t_g)
+                       ref_calls=args.rounds, speedup_value=rt_v / t_v, speedup_value_grad=rt_g / t_g)
         rows.append(row)
         print(_fmt(row), flush=True)
 
     meta = dict(jax=jax.__version__, device=str(jax.devices()[0]), cpu_count=os.cpu_count(),
                 platform=platform.platform(), load_avg=os.getloadavg(), repeats=args.repeats,
-                king_psf_table=len(king.f))
+                rounds=args.rounds, king_psf_table=len(king.f))
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
