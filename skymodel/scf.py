@@ -277,6 +277,12 @@ def population_terms(
     scfs = tuple(scfs)
     if not scfs:
         raise ValueError("population_terms needs at least one SCF")
+    for s in scfs:
+        if not isinstance(s, BrokenPowerLaw):
+            raise ValueError(
+                f"population_terms takes BrokenPowerLaw SCFs, got {type(s).__name__} (other "
+                f"SCF types: their own generating_terms)"
+            )
     prepared = [_prepared(s.A, s.indices, s.breaks, m_max, s.max_index, s.min_index) for s in scfs]
     A = jnp.stack([p[0] for p in prepared])
     K = max(p[3] for p in prepared)

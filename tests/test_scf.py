@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
-from skymodel.scf import BrokenPowerLaw, generating_terms
+from skymodel.scf import BrokenPowerLaw, generating_terms, population_terms
 
 mp.mp.dps = 20
 M = 100
@@ -254,6 +254,15 @@ def test_validation_errors():
         generating_terms(1.0, [3.0, 1.0], [5.0], [0.0, 1.0], [1.0, 1.0], M)
     with pytest.raises(ValueError, match="ratio"):
         generating_terms(1.0, [3.0, 1.0], [5.0], [0.5, 1.0], [1.0, 1.0], M, ratio=-1.0)
+    scf = BrokenPowerLaw(1.0, [3.0, 1.0], [5.0])
+    with pytest.raises(ValueError, match="exposure ratio must be positive"):
+        population_terms([scf], [1.0], [1.0], M, [1.0, 0.0])
+    with pytest.raises(ValueError, match="1-d"):
+        population_terms([scf], [1.0], [1.0], M, 1.0)
+    with pytest.raises(ValueError, match="takes BrokenPowerLaw"):
+        population_terms([scf, (1.0, [3.0, 1.0], [5.0])], [1.0], [1.0], M)
+    with pytest.raises(ValueError, match="at least one"):
+        population_terms([], [1.0], [1.0], M)
 
 
 def test_invalid_under_jit_errors():
