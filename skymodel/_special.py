@@ -113,24 +113,27 @@ def _cf_loop(a, y, with_partials: bool):
     backwards; with `with_partials` also d/da and d/dy of the same truncated fraction,
     carried through the loop (forward mode)."""
     a, y = jnp.broadcast_arrays(jnp.asarray(a, jnp.float64), jnp.asarray(y, jnp.float64))
-    zero = jnp.zeros_like(a)
 
     def term(i, carry):  # k = CF_TERMS - i, from the tail of the fraction inwards
-        t, t_a, t_y = carry
+        t = carry[0]
         k = (CF_TERMS - i).astype(jnp.float64)
         inv_d = 1.0 / (y + (2.0 * k + 1.0) - a - t)
         q = k * (k - a) * inv_d
         if not with_partials:
-            return q, t_a, t_y
+            return (q,)
+        _, t_a, t_y = carry
         return q, (q * (1.0 + t_a) - k) * inv_d, -q * (1.0 - t_y) * inv_d
 
     # a loop, not unrolled: the unrolled fraction dominated compile time
-    t, t_a, t_y = jax.lax.fori_loop(0, CF_TERMS, term, (zero, zero, zero))
+    init = (jnp.zeros_like(a),) * (3 if with_partials else 1)
+    out = jax.lax.fori_loop(0, CF_TERMS, term, init)
+    t = out[0]
     inv_b = 1.0 / (y + 1.0 - a - t)
     logy = jnp.log(y)
     val = jnp.exp(a * logy - y) * inv_b
     if not with_partials:
         return val, None, None
+    _, t_a, t_y = out
     return val, val * (logy + (1.0 + t_a) * inv_b), val * (a / y - 1.0 - (1.0 - t_y) * inv_b)
 
 

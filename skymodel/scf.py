@@ -32,7 +32,6 @@ import numpy as np
 from jax.scipy.special import gammaln
 
 from skymodel._special import (
-    _LOG_FACT,
     SERIES_TERMS,
     Y_SPLIT,
     _cf_upper_many,
@@ -360,7 +359,7 @@ def _seed_series(alpha, ys):
     """
     u = jnp.minimum(ys, Y_SPLIT)  # (2, nf, nseg)
     k = np.arange(SERIES_TERMS, dtype=np.float64)
-    coef = np.where(k % 2 == 0, 1.0, -1.0) * np.exp(-_LOG_FACT[:SERIES_TERMS])  # (-1)^k / k!
+    coef = np.where(k % 2 == 0, 1.0, -1.0) * np.exp(-_log_factorial(k))  # (-1)^k / k!
     b = alpha + k[:, None]  # (K, nseg): exponents alpha + k
     power = jnp.exp(b[:, None, None, :] * jnp.log(u))  # (K, 2, nf, nseg): u^(alpha + k)
     top = jnp.exp(b * math.log(Y_SPLIT))  # Y^(alpha + k)
