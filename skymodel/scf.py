@@ -315,10 +315,24 @@ def _cumsum_rows(x, reverse: bool = False, block: int = 8):
     return (within + before[:, None]).reshape((nb * block,) + x.shape[1:])[:rows]
 
 
+def _computed_once(x):
+    """x: (..., n) unchanged, as a matrix product with the identity (exact for finite x).
+
+    XLA:CPU fuses the cheap tail of an elementwise function (lgamma's, ~15 operations)
+    into every consumer that broadcasts its result, recomputing it for each element of the
+    broadcast; a dot is never fused into its consumers, so x is computed once per element
+    of its own shape. (`lax.optimization_barrier` does not prevent that fusion on CPU.)
+    """
+    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
+    return jnp.dot(x.reshape(-1, x.shape[-1]), eye).reshape(x.shape)
+
+
 def _density(a, ys, logy):
     """r = e^-y y^(a-1) / Gamma(a) (a > 0): the step of the regularised incomplete gamma
-    functions, Q(a + 1, y) = Q(a, y) + r(a + 1, y) and P(a, y) = sum_{i >= 1} r(a + i, y)."""
-    return jnp.exp(-ys + (a - 1.0) * logy - gammaln(a))
+    functions, Q(a + 1, y) = Q(a, y) + r(a + 1, y) and P(a, y) = sum_{i >= 1} r(a + i, y).
+    a broadcasts against ys (segments last): its log Gamma is computed once per element of
+    a, not per endpoint and PSF bin (`_computed_once`; -25% of the SCF terms' run time)."""
+    return jnp.exp(-ys + (a - 1.0) * logy - _computed_once(gammaln(a)))
 
 
 def _log_factorial(m) -> np.ndarray:
