@@ -310,7 +310,10 @@ def _cumsum_rows(x, reverse: bool = False, block: int = 8):
     nb = -(-rows // block)
     xb = jnp.concatenate([x, jnp.zeros((nb * block - rows,) + x.shape[1:], x.dtype)])
     xb = xb.reshape((nb, block) + x.shape[1:])
-    within = jnp.einsum("ij,bj...->bi...", jnp.tril(jnp.ones((block, block), x.dtype)), xb)
+    # a batched matrix product (the triangle repeated per block): both operands in the
+    # GEMM's row-major layout, so XLA does not transpose x into and out of it
+    tri = jnp.broadcast_to(jnp.tril(jnp.ones((block, block), x.dtype)), (nb, block, block))
+    within = jnp.einsum("bij,bjr->bir", tri, xb.reshape(nb, block, -1)).reshape(xb.shape)
     before = jnp.einsum("ij,j...->i...", jnp.tril(jnp.ones((nb, nb), x.dtype), -1), within[:, -1])
     return (within + before[:, None]).reshape((nb * block,) + x.shape[1:])[:rows]
 
