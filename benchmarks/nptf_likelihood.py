@@ -12,7 +12,10 @@ in [0.1, 100]) and the p_k recursion unrolled in Python up to k_max, jitted (as 
 code does).
 
 Usage: SKYMODEL_DATA=/path/to/data python benchmarks/nptf_likelihood.py [--out FILE]
-       [--repeats N] [--rounds R] [--quick]
+       [--repeats N] [--rounds R] [--quick] [--cpus N]
+
+--cpus 1 pins the run to one core: on a shared virtual machine whose second core comes and
+goes, that gives steady numbers (the work, without the parallel speed-up).
 """
 
 from __future__ import annotations
@@ -151,7 +154,14 @@ def main(argv=None):
                     help="rounds in which the functions take turns (the reference: one call each)")
     ap.add_argument("--quick", action="store_true", help="only the target case")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--cpus", type=int, default=None,
+                    help="run on the first N CPUs only (pinned before JAX starts its threads)")
     args = ap.parse_args(argv)
+    if args.cpus is not None:
+        n_avail = len(os.sched_getaffinity(0))
+        if not 1 <= args.cpus <= n_avail:
+            ap.error(f"--cpus must be between 1 and {n_avail}, got {args.cpus}")
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cpus])
     data = os.environ.get("SKYMODEL_DATA")
     if not data or not pathlib.Path(data, "fermi-gc").is_dir():
         print("SKYMODEL_DATA/fermi-gc not found; nothing to benchmark")
@@ -219,6 +229,7 @@ def main(argv=None):
         print(_fmt(row), flush=True)
 
     meta = dict(jax=jax.__version__, device=str(jax.devices()[0]), cpu_count=os.cpu_count(),
+                cpus_used=len(os.sched_getaffinity(0)),
                 platform=platform.platform(), load_avg=os.getloadavg(), repeats=args.repeats,
                 rounds=args.rounds, king_psf_table=len(king.f))
     out = pathlib.Path(args.out)
