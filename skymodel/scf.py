@@ -319,7 +319,9 @@ def _cumsum_rows(x, reverse: bool = False, block: int = 8):
 
 
 def _computed_once(x):
-    """x: (..., n) unchanged, as a matrix product with the identity (exact for finite x).
+    """x: (..., n) as a matrix product with the identity: unchanged where finite (exactly),
+    0 where not (inf * 0 would spread a non-finite entry along the last axis; callers
+    mask those entries, the arguments of lgamma they come from being placeholders).
 
     XLA:CPU fuses the cheap tail of an elementwise function (lgamma's, ~15 operations)
     into every consumer that broadcasts its result, recomputing it for each element of the
@@ -327,7 +329,8 @@ def _computed_once(x):
     of its own shape. (`lax.optimization_barrier` does not prevent that fusion on CPU.)
     """
     eye = jnp.eye(x.shape[-1], dtype=x.dtype)
-    return jnp.dot(x.reshape(-1, x.shape[-1]), eye).reshape(x.shape)
+    finite = jnp.where(jnp.isfinite(x), x, 0.0)
+    return jnp.dot(finite.reshape(-1, x.shape[-1]), eye).reshape(x.shape)
 
 
 def _density(a, ys, logy):

@@ -301,7 +301,8 @@ def test_grads(cases):
        reverse=st.booleans())
 def test_kernel_helpers_exact(seed, shape, reverse):
     """The SCF kernel's layout helpers against numpy: `_computed_once` returns its input
-    bit for bit (values over 600 orders of magnitude, both signs), `_cumsum_rows` equals
+    bit for bit (values over 600 orders of magnitude, both signs) and 0 for a non-finite
+    entry without touching the others, `_cumsum_rows` equals
     np.cumsum (forward and reverse) to rounding, for row counts that are and are not
     multiples of its block."""
     from skymodel.scf import _computed_once, _cumsum_rows
@@ -309,6 +310,11 @@ def test_kernel_helpers_exact(seed, shape, reverse):
     rng = np.random.default_rng(seed)
     x = rng.choice([-1.0, 1.0], size=shape) * 10.0 ** rng.uniform(-300, 300, size=shape)
     assert np.array_equal(np.asarray(jax.jit(_computed_once)(jnp.asarray(x))), x)
+    # a non-finite entry becomes 0 and does not spread to its neighbours
+    bad = x.copy()
+    bad.flat[int(rng.integers(bad.size))] = rng.choice([np.inf, -np.inf, np.nan])
+    got = np.asarray(jax.jit(_computed_once)(jnp.asarray(bad)))
+    np.testing.assert_array_equal(got, np.where(np.isfinite(bad), bad, 0.0))
     rows = int(rng.integers(1, 40))
     y = rng.uniform(0.0, 1.0, size=(rows,) + shape)
     ref = np.cumsum(y[::-1], axis=0)[::-1] if reverse else np.cumsum(y, axis=0)
