@@ -45,7 +45,10 @@ SERIES_TERMS = 34
 #: a <= A_CUT uses the series / continued fraction; a > A_CUT the regularised functions
 A_CUT = 1.0
 
-_LOG_FACT = np.array([math.lgamma(k + 1.0) for k in range(SERIES_TERMS + 1)])
+
+def _log_factorial(m) -> np.ndarray:
+    """log m! of a static integer array (float64 numpy constant)."""
+    return np.vectorize(lambda v: math.lgamma(v + 1.0))(np.asarray(m, dtype=np.float64))
 
 
 def _h(ab, L):
@@ -102,7 +105,7 @@ def _series_interval(a, u, v, k0: int):
     """sum_{k >= k0} (-1)^k / k! * integral of t^(a+k-1) over [u, v], 0 <= u <= v <= Y_SPLIT."""
     k = np.arange(k0, SERIES_TERMS)
     sign = np.where(k % 2 == 0, 1.0, -1.0)
-    inv_fact = np.exp(-_LOG_FACT[k])
+    inv_fact = np.exp(-_log_factorial(k))
     terms = _power_interval(a[..., None] + k, u[..., None], v[..., None])
     # empty intervals give 0 exactly; sum from the small terms up
     return jnp.sum((sign * inv_fact * terms)[..., ::-1], axis=-1)
