@@ -539,7 +539,7 @@ def _generating_terms(A, indices, breaks, f, weights, ratios, m_max: int, K: int
     # ---- combine per order and segment
     a3 = a[:, 0]  # (M, 1, nseg)
     a_pos = jnp.where(a3 > 1.0, a3, 2.0)
-    g = jnp.exp(gammaln(a_pos) - _log_factorial(np.arange(1, M + 1))[:, None, None])
+    g = jnp.exp(_computed_once(gammaln(a_pos)) - _log_factorial(np.arange(1, M + 1))[:, None, None])
     Q_lo, Q_hi = Qn[:, 0], jnp.where(y_inf[1], 0.0, Qn[:, 1])  # (M, nf, nseg)
     P_lo, P_hi = jnp.where(y_zero[0], 0.0, Pn[:, 0]), Pn[:, 1]
     I_rec = g * jnp.where(
@@ -550,7 +550,10 @@ def _generating_terms(A, indices, breaks, f, weights, ratios, m_max: int, K: int
     I_dir = jnp.where(y_zero[0], I0, U_lo - U_hi)
     I = jnp.where(a3 > 1.0, I_rec, I_dir)
     pref_r = pref.reshape(nreg, nf, -1)
-    x_m = jnp.einsum("mrfs,rfs,ps->prm", I.reshape(M, nreg, nf, -1), pref_r, A_seg)
+    # weighted sum over PSF bins in I's own layout (an einsum over "mrfs" made XLA
+    # transpose I, with its whole elementwise computation fused in, at strided writes)
+    I_sum = jnp.sum(I.reshape(M, nreg, nf, -1) * pref_r[None], axis=2)  # (M, nreg, nseg)
+    x_m = jnp.einsum("mrs,ps->prm", I_sum, A_seg)
 
     # ---- x_total: integral of t^-n (1 - e^-t) over [lo, hi] per segment
     u, v = jnp.minimum(lo, Y_SPLIT), jnp.minimum(hi, Y_SPLIT)
