@@ -350,11 +350,24 @@ def _q_up(Q_alpha, alpha, steps, ys, logy, ok, max_steps: int):
     return Q_alpha + jnp.sum(jnp.where(use, _density(alpha + i, ys, logy), 0.0), axis=0)
 
 
-def _p_series(a, ys, logy, ok, terms: int):
-    """P(a, y) = sum_{i=1..terms} r(a + i, y), to 1e-17 relative where y <= a (a > 0) when
-    terms = `_tail_terms` for the largest a; not used (and inaccurate) where y > a."""
-    i = jnp.arange(1, terms + 1, dtype=jnp.float64).reshape((-1,) + (1,) * ys.ndim)
-    return jnp.sum(jnp.where(ok, _density(a + i, ys, logy), 0.0), axis=0)
+def _p_series(a, ys, logy, ok, terms: int, block: int = 4):
+    """P(a, y) = sum_{i>=1} r(a + i, y), to 1e-17 relative where y <= a (a > 0) when
+    terms >= `_tail_terms` for the largest a (terms is rounded up to a multiple of
+    `block`); not used (and inaccurate) where y > a.
+
+    One exp per `block` terms: r(a + i, y) exactly at i = 1, 1 + block, ..., and between
+    them r(a + i + 1, y) = r(a + i, y) y / (a + i), at most block - 1 products (a few
+    rounding errors per term; where y <= a the terms decrease, so an anchor that
+    underflows drops only terms below 1e-308 of the first)."""
+    nb = -(-terms // block)
+    shape = (-1,) + (1,) * ys.ndim
+    i0 = jnp.arange(1, nb * block + 1, block, dtype=jnp.float64).reshape(shape)  # (nb, ...)
+    r = _density(a + i0, ys, logy)
+    total = r
+    for j in range(1, block):
+        r = r * (ys / (a + i0 + (j - 1)))
+        total = total + r
+    return jnp.sum(jnp.where(ok, total, 0.0), axis=0)
 
 
 def _seed_series(alpha, ys):
