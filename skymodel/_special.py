@@ -72,10 +72,12 @@ def _h(ab, L):
     return jnp.where(small, ser, big)
 
 
-def _power_interval(b, lo, hi):
+def _power_interval(b, lo, hi, logs=None):
     """Integral of t^(b-1) over [lo, hi], 0 <= lo <= hi <= inf (broadcasting).
 
     lo = 0 needs b > 0, hi = inf needs b < 0 (otherwise +inf is returned).
+    logs: optional (log lo, log hi), any finite value where lo = 0 or hi = inf, computed
+    by the caller once for many b.
     """
     b, lo, hi = jnp.broadcast_arrays(b, lo, hi)
     lo_zero = lo <= 0.0
@@ -87,18 +89,42 @@ def _power_interval(b, lo, hi):
     base = jnp.where(pos, hi, lo)
     base_ok = jnp.where(diverge | (base <= 0) | jnp.isinf(base), 1.0, base)
     special = lo_zero | hi_inf
-    lo_s = jnp.where(special | diverge, 1.0, lo)
-    hi_s = jnp.where(special | diverge, 2.0, hi)
-    L = jnp.where(special | diverge, 1.0, jnp.log(hi_s) - jnp.log(lo_s))
+    if logs is None:
+        lo_s = jnp.where(special | diverge, 1.0, lo)
+        hi_s = jnp.where(special | diverge, 2.0, hi)
+        L = jnp.where(special | diverge, 1.0, jnp.log(hi_s) - jnp.log(lo_s))
+        log_base = jnp.log(base_ok)
+    else:
+        log_lo, log_hi = logs
+        L = jnp.where(special | diverge, 1.0, log_hi - log_lo)
+        log_base = jnp.where(base_ok == 1.0, 0.0, jnp.where(pos, log_hi, log_lo))
     b_ok = jnp.where(diverge, 1.0, b)
-    generic = jnp.exp(b_ok * jnp.log(base_ok)) * _h(jnp.where(pos, b_ok, -b_ok), L)
+    power = jnp.exp(b_ok * log_base)  # base^b
+    generic = power * _h(jnp.where(pos, b_ok, -b_ok), L)
     # lo = 0 (b > 0): hi^b / b ; hi = inf (b < 0): lo^b / (-b)
     b_sp = jnp.where(diverge | ~special, 1.0, jnp.abs(b))
     b_sp = jnp.where(b_sp == 0, 1.0, b_sp)
-    closed = jnp.exp(b_ok * jnp.log(base_ok)) / b_sp
+    closed = power / b_sp
     out = jnp.where(special, closed, generic)
     out = jnp.where(lo_zero & (hi <= 0.0), 0.0, out)  # the empty interval [0, 0]
     return jnp.where(diverge, jnp.inf, out)
+
+
+def _computed_once(x):
+    """x: (..., n) as a matrix product with the identity: unchanged where finite (exactly),
+    0 where not (inf * 0 would spread a non-finite entry along the last axis; callers
+    mask those entries, the arguments of lgamma they come from being placeholders).
+
+    XLA:CPU fuses the cheap tail of an elementwise function (lgamma's, ~15 operations)
+    into every consumer that broadcasts its result, recomputing it for each element of the
+    broadcast; a dot is never fused into its consumers, so x is computed once per element
+    of its own shape. (`lax.optimization_barrier` does not prevent that fusion on CPU.)
+    """
+    if x.ndim == 0:
+        return x
+    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
+    finite = jnp.where(jnp.isfinite(x), x, 0.0)
+    return jnp.dot(finite.reshape(-1, x.shape[-1]), eye).reshape(x.shape)
 
 
 def _series_interval(a, u, v, k0: int):
@@ -106,7 +132,10 @@ def _series_interval(a, u, v, k0: int):
     k = np.arange(k0, SERIES_TERMS)
     sign = np.where(k % 2 == 0, 1.0, -1.0)
     inv_fact = np.exp(-_log_factorial(k))
-    terms = _power_interval(a[..., None] + k, u[..., None], v[..., None])
+    # the logs of the endpoints once per interval, not once per term (XLA would
+    # recompute them in the per-term kernel)
+    logs = [_computed_once(jnp.log(jnp.where(e > 0.0, e, 1.0)))[..., None] for e in (u, v)]
+    terms = _power_interval(a[..., None] + k, u[..., None], v[..., None], logs)
     # empty intervals give 0 exactly; sum from the small terms up
     return jnp.sum((sign * inv_fact * terms)[..., ::-1], axis=-1)
 

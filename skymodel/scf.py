@@ -35,6 +35,7 @@ from skymodel._special import (
     SERIES_TERMS,
     Y_SPLIT,
     _cf_upper_many,
+    _computed_once,
     _log_factorial,
     _power_interval,
     _series_interval,
@@ -317,21 +318,6 @@ def _cumsum_rows(x, reverse: bool = False, block: int = 8):
     within = jnp.einsum("bij,bjr->bir", tri, xb.reshape(nb, block, -1)).reshape(xb.shape)
     before = jnp.einsum("ij,j...->i...", jnp.tril(jnp.ones((nb, nb), x.dtype), -1), within[:, -1])
     return (within + before[:, None]).reshape((nb * block,) + x.shape[1:])[:rows]
-
-
-def _computed_once(x):
-    """x: (..., n) as a matrix product with the identity: unchanged where finite (exactly),
-    0 where not (inf * 0 would spread a non-finite entry along the last axis; callers
-    mask those entries, the arguments of lgamma they come from being placeholders).
-
-    XLA:CPU fuses the cheap tail of an elementwise function (lgamma's, ~15 operations)
-    into every consumer that broadcasts its result, recomputing it for each element of the
-    broadcast; a dot is never fused into its consumers, so x is computed once per element
-    of its own shape. (`lax.optimization_barrier` does not prevent that fusion on CPU.)
-    """
-    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
-    finite = jnp.where(jnp.isfinite(x), x, 0.0)
-    return jnp.dot(finite.reshape(-1, x.shape[-1]), eye).reshape(x.shape)
 
 
 def _density(a, ys, logy):

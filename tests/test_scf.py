@@ -305,7 +305,8 @@ def test_kernel_helpers_exact(seed, shape, reverse):
     entry without touching the others, `_cumsum_rows` equals
     np.cumsum (forward and reverse) to rounding, for row counts that are and are not
     multiples of its block."""
-    from skymodel.scf import _computed_once, _cumsum_rows
+    from skymodel._special import _computed_once
+    from skymodel.scf import _cumsum_rows
 
     rng = np.random.default_rng(seed)
     x = rng.choice([-1.0, 1.0], size=shape) * 10.0 ** rng.uniform(-300, 300, size=shape)
