@@ -270,7 +270,9 @@ def _history_rows(K: int) -> int:
 def _weights(mu, x):
     """Recursion weights (K, c), row j-1 = j x'_j (x'_1 = mu + x_1), from mu: (c,) and
     x: (K, c)."""
-    return x.at[0].add(mu) * jnp.arange(1, x.shape[0] + 1, dtype=x.dtype)[:, None]
+    j = jnp.arange(1, x.shape[0] + 1, dtype=x.dtype)[:, None]
+    # elementwise, not x.at[0].add(mu) (a scatter: one more kernel and copy per group)
+    return (x + jnp.where(j == 1, mu[None, :], 0.0)) * j
 
 
 def _phase_scan(h, logc, w, kp, last, k_lo: int):
@@ -288,7 +290,6 @@ def _phase_scan(h, logc, w, kp, last, k_lo: int):
     R = h.shape[0]
     # rw[K - k + i] = w_{k-i} (zero for k - i <= 0): the step-k weights are one slice.
     rw = jnp.concatenate([w[::-1], jnp.zeros((R, c), dt)], axis=0)
-    rows = jnp.arange(R)[:, None]
 
     def step(carry, k):
         h, logc = carry
@@ -301,6 +302,8 @@ def _phase_scan(h, logc, w, kp, last, k_lo: int):
         def rescale(args):
             h, logc = args
             # entry i still has a weight in some step after k iff k + 1 - i <= last
+            # (an iota here, not a hoisted arange: one kernel less per phase to compile)
+            rows = lax.broadcasted_iota(last.dtype, h.shape, 0)
             live = rows >= k + 1 - last[None, :]
             top = jnp.max(jnp.where(live, h, 0.0), axis=0, initial=0.0)
             d = jnp.where(out_of_range, jnp.maximum(v, top / _RATIO_CAP), 1.0)
