@@ -90,14 +90,10 @@ def _power_interval(b, lo, hi, logs=None):
     base_ok = jnp.where(diverge | (base <= 0) | jnp.isinf(base), 1.0, base)
     special = lo_zero | hi_inf
     if logs is None:
-        lo_s = jnp.where(special | diverge, 1.0, lo)
-        hi_s = jnp.where(special | diverge, 2.0, hi)
-        L = jnp.where(special | diverge, 1.0, jnp.log(hi_s) - jnp.log(lo_s))
-        log_base = jnp.log(base_ok)
-    else:
-        log_lo, log_hi = logs
-        L = jnp.where(special | diverge, 1.0, log_hi - log_lo)
-        log_base = jnp.where(base_ok == 1.0, 0.0, jnp.where(pos, log_hi, log_lo))
+        logs = [jnp.log(jnp.where((e > 0.0) & ~jnp.isinf(e), e, 1.0)) for e in (lo, hi)]
+    log_lo, log_hi = logs
+    L = jnp.where(special | diverge, 1.0, log_hi - log_lo)
+    log_base = jnp.where(base_ok == 1.0, 0.0, jnp.where(pos, log_hi, log_lo))
     b_ok = jnp.where(diverge, 1.0, b)
     power = jnp.exp(b_ok * log_base)  # base^b
     generic = power * _h(jnp.where(pos, b_ok, -b_ok), L)
