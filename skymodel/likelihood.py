@@ -23,10 +23,13 @@ Numerics:
   exact to rounding unless the entries that still matter span more than ~1e550 (e.g.
   x_1 < 1e-550 beside x_2 = 1), where the newest value underflows.
 - *Work proportional to sum_p k_p^2, k_max sequential steps.* A `CountPlan` (built once,
-  outside jit, from the observed counts) sorts pixels into a few static groups by count,
-  K_1 < ... < K_G. The recursion runs in phases: phase g takes steps K_{g-1}+1..K_g for
-  the pixels of groups g..G (history of K_g + 1 rows), after which group g is finished and
-  leaves. Sequential steps: k_max in all; a pixel costs about k_p^2 history updates.
+  outside jit, from the observed counts) sorts pixels by count into a few static groups,
+  K_1 < ... < K_G, laid out one after another. The recursion runs in phases: phase g
+  takes steps K_{g-1}+1..K_g for the pixels of groups g..G (history of K_g + 1 rows),
+  after which group g is finished and leaves. Phase g computes the weights of the orders
+  it adds, K_{g-1}+1..K_g, for all its pixels at once (one matrix product in
+  `nptf_loglike`) and keeps the earlier orders' from the phase before. Sequential steps:
+  k_max in all; a pixel costs about k_p^2 history updates.
 - *Cheap exact gradient* (`jax.custom_vjp`): d log p_k / d x_m = p_{k-m}/p_k (m <= k, from
   the recursion) and -1 through p_0; d log p_k / d mu = p_{k-1}/p_k - 1. The forward pass
   ends holding exactly these ratios, so the backward pass is O(n_pix k) and stores no scan
@@ -35,6 +38,7 @@ Numerics:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import equinox as eqx
@@ -123,26 +127,52 @@ def poisson_loglike(counts: Real[ArrayLike, " npix"], mu: Float[ArrayLike, " npi
 class CountPlan(eqx.Module):
     """Static grouping of pixels by observed count, built once by `count_plan`.
 
+    The pixels are taken in `order` (ascending count), which lays the groups out one after
+    another: group g is order[start_g : start_g + n_g]. The likelihood gathers its inputs
+    into this order once, so every group and phase is a contiguous slice (no per-group
+    gathers and scatters), and puts the result back with `inverse`.
+
     Attributes:
       n_pixels: number of pixels (static).
       k_max: largest count (static); the SCF terms are needed for m = 1..k_max.
       group_kmax: recursion length of each group (static, ascending; 0 = no recursion).
-      index: per group, (n_g,) positions of its pixels.
-      counts: per group, (n_g,) counts of its pixels (<= group_kmax).
+      group_sizes: number of pixels of each group (static).
+      order: (n_pixels,) pixel positions sorted by count.
+      inverse: (n_pixels,) the position of each pixel in `order`.
+      sorted_counts: (n_pixels,) the counts in `order`.
     """
 
     n_pixels: int = eqx.field(static=True)
     k_max: int = eqx.field(static=True)
     group_kmax: tuple[int, ...] = eqx.field(static=True)
-    index: tuple[Int[Array, " _"], ...]
-    counts: tuple[Int[Array, " _"], ...]
+    group_sizes: tuple[int, ...] = eqx.field(static=True)
+    order: Int[Array, " npix"]
+    inverse: Int[Array, " npix"]
+    sorted_counts: Int[Array, " npix"]
+
+    @property
+    def group_starts(self) -> tuple[int, ...]:
+        """Position of each group's first pixel in `order` (static)."""
+        return tuple(int(s) for s in np.cumsum((0,) + self.group_sizes[:-1]))
+
+    @property
+    def index(self) -> tuple[Int[Array, " _"], ...]:
+        """Per group, (n_g,) positions of its pixels."""
+        return tuple(self.order[s:s + n] for s, n in zip(self.group_starts, self.group_sizes))
+
+    @property
+    def counts(self) -> tuple[Int[Array, " _"], ...]:
+        """Per group, (n_g,) counts of its pixels (<= its group_kmax)."""
+        return tuple(
+            self.sorted_counts[s:s + n] for s, n in zip(self.group_starts, self.group_sizes)
+        )
 
     @property
     def cost(self) -> int:
         """Number of history-entry updates of one evaluation of the phased recursion:
         sum_g N_g R_g (K_g - K_{g-1}), N_g the pixels with count > K_{g-1}, R_g the
         history rows (`_history_rows(K_g)`)."""
-        n = [int(i.shape[0]) for i in self.index]
+        n = self.group_sizes
         k_prev = (0,) + self.group_kmax[:-1]
         return int(sum(
             _phase_work(sum(n[g:]), K, k_prev[g]) for g, K in enumerate(self.group_kmax)
@@ -210,27 +240,28 @@ def count_plan(
         raise ValueError(f"max_groups must be a positive int, got {max_groups!r}")
     k = _check_counts_concrete(counts)
     n = k.shape[0]
-    if n == 0:
-        return CountPlan(n_pixels=0, k_max=0, group_kmax=(), index=(), counts=())
-    values, hist = np.unique(k, return_counts=True)
-    ends = _choose_groups(values, hist, max_groups, float(phase_overhead))
     order = np.argsort(k, kind="stable")
     ks = k[order]
-    index, grp_counts, kmaxes = [], [], []
-    lo = -1
-    for e in ends:
-        sel = order[(ks > lo) & (ks <= e)]
-        if sel.size:
-            index.append(jnp.asarray(sel))
-            grp_counts.append(jnp.asarray(k[sel]))
-            kmaxes.append(int(e))
-        lo = e
+    kmaxes, sizes = [], []
+    if n:
+        values, hist = np.unique(k, return_counts=True)
+        lo = -1
+        for e in _choose_groups(values, hist, max_groups, float(phase_overhead)):
+            size = int(np.count_nonzero((ks > lo) & (ks <= e)))
+            if size:
+                kmaxes.append(int(e))
+                sizes.append(size)
+            lo = e
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(n)
     return CountPlan(
         n_pixels=int(n),
-        k_max=int(k.max()),
+        k_max=int(k.max()) if n else 0,
         group_kmax=tuple(kmaxes),
-        index=tuple(index),
-        counts=tuple(grp_counts),
+        group_sizes=tuple(sizes),
+        order=jnp.asarray(order),
+        inverse=jnp.asarray(inverse),
+        sorted_counts=jnp.asarray(ks),
     )
 
 
@@ -267,29 +298,28 @@ def _history_rows(K: int) -> int:
     return K + 1 if K + 1 <= 16 else -(-(K + 1) // 8) * 8
 
 
-def _weights(mu, x):
-    """Recursion weights (K, c), row j-1 = j x'_j (x'_1 = mu + x_1), from mu: (c,) and
-    x: (K, c)."""
-    j = jnp.arange(1, x.shape[0] + 1, dtype=x.dtype)[:, None]
+def _weights(mu, x, k_lo: int = 0):
+    """Recursion weights j x'_j (x'_1 = mu + x_1) for the orders j = k_lo+1..k_lo+J, shape
+    (J, c), from mu: (c,) and x: (J, c) = x_j of those orders."""
+    j = jnp.arange(k_lo + 1, k_lo + x.shape[0] + 1, dtype=x.dtype)[:, None]
     # elementwise, not x.at[0].add(mu) (a scatter: one more kernel and copy per group)
     return (x + jnp.where(j == 1, mu[None, :], 0.0)) * j
 
 
-def _phase_scan(h, logc, w, kp, last, k_lo: int):
+def _phase_scan(h, logc, rw, kp, last, k_lo: int, K: int):
     """Recursion steps k = k_lo+1..K for the pixels (columns) of one phase.
 
     h: (R, c) history (R = `_history_rows(K)`), p_j = h[j] exp(logc) for the rows j < k
-    filled so far (later rows 0); logc, kp, last: (c,); w: (K, c) weights (`_weights`).
+    filled so far (later rows 0); logc, kp, last: (c,); rw: (K + R, c) the weights
+    (`_weights`) reversed, then R rows of zeros: rw[K - k + i] = w_{k-i}, so that the
+    step-k weights are one slice.
     Pixel i stops after kp[i] steps. The history is rescaled only when the newest value
     leaves [1e-100, 1e100], which real data almost never triggers: divided by the newest
     value, or by max/1e250 of the entries that still have a future weight where that is
     larger (module docstring).
     """
-    dt = w.dtype
-    K, c = w.shape
+    dt = rw.dtype
     R = h.shape[0]
-    # rw[K - k + i] = w_{k-i} (zero for k - i <= 0): the step-k weights are one slice.
-    rw = jnp.concatenate([w[::-1], jnp.zeros((R, c), dt)], axis=0)
 
     def step(carry, k):
         h, logc = carry
@@ -331,55 +361,98 @@ def _finish(h, logc, kp, K: int, with_ratio: bool):
     return logp, jnp.minimum(ratio, _RATIO_CAP)
 
 
-def _phased(mus, xs, xtots, kps, with_ratio: bool):
-    """log p_kp of every group (and the ratios of `_finish`) by one recursion in phases.
+def _phased(mu, xs, xtot, kp, sizes: tuple[int, ...], with_ratio: bool):
+    """log p_kp (n,) of pixels in plan order (and, with `with_ratio`, the ratios of
+    `_finish` per group) by one recursion in phases.
 
-    Groups are ordered by their recursion length K_1 < ... < K_G (group g holds the pixels
-    with K_{g-1} < kp <= K_g). Phase g runs steps K_{g-1}+1..K_g on the pixels of groups
-    g..G, with a history of K_g + 1 rows (a few more beyond 16, `_history_rows`); group g
-    is then done and leaves, so a pixel costs about kp^2 history updates and there are
-    only K_G sequential steps in all.
+    mu, xtot, kp: (n,), pixels sorted by count (kp >= 1), group g the `sizes[g]` pixels
+    from start_g on, recursion lengths K_1 < ... < K_G; xs[g]: (K_g - K_{g-1}, n - start_g)
+    the orders phase g adds, x_m for m = K_{g-1}+1..K_g of the pixels from group g on.
+    Phase g runs steps K_{g-1}+1..K_g on those pixels with a history of K_g + 1 rows (a few
+    more beyond 16, `_history_rows`) and weights of orders 1..K_g: the new ones on top of
+    the previous phase's, which are kept for the pixels still there; group g is then done
+    and leaves (the first n_g columns). A pixel costs about kp^2 history updates, there are
+    only K_G sequential steps in all, and each order's weight is computed once.
     """
-    G = len(xs)
-    kp = jnp.concatenate(kps)
-    ws = [_weights(m, x) for m, x in zip(mus, xs)]
-    # Largest lag with a non-zero weight, per pixel, over the pixel's whole recursion.
-    last = jnp.concatenate([_last_weighted_lag(w, axis=0) for w in ws])
-    logc = -jnp.concatenate(mus) - jnp.concatenate(xtots)
-    h = jnp.ones((1, kp.shape[0]), logc.dtype)
-    k_lo, start, out = 0, 0, []
-    for g in range(G):
-        K = xs[g].shape[0]
-        w = jnp.concatenate([ws[j][:K] for j in range(g, G)], axis=1)
-        h = jnp.pad(h, ((0, _history_rows(K) - h.shape[0]), (0, 0)))
-        h, logc = _phase_scan(h, logc, w, kp[start:], last[start:], k_lo)
-        n = xs[g].shape[1]
-        out.append(_finish(h[:, :n], logc[:n], kps[g], K, with_ratio))
+    starts = np.cumsum((0,) + sizes[:-1])
+    n_all = mu.shape[0]
+    k_lo, ws = 0, []
+    for x in xs:
+        ws.append(_weights(mu[n_all - x.shape[1]:], x, k_lo))
+        k_lo += x.shape[0]
+    # largest lag with a non-zero weight, per pixel, over the pixel's whole recursion (the
+    # blocks of the phases it takes part in)
+    k_lo, last = 0, jnp.zeros(n_all, jnp.int32)
+    for w in ws:
+        lag = _last_weighted_lag(w, axis=0)
+        lag = jnp.where(lag > 0, lag + k_lo, 0).astype(jnp.int32)
+        last = jnp.maximum(last, jnp.pad(lag, (n_all - lag.shape[0], 0)))
+        k_lo += w.shape[0]
+    logc = -mu - xtot
+    h = jnp.ones((1, n_all), logc.dtype)
+    k_lo, out, rw_prev, n_prev = 0, [], None, 0
+    for w, s, n in zip(ws, starts, sizes):
+        K = k_lo + w.shape[0]
+        R = _history_rows(K)
+        c = n_all - s
+        # reversed weights: this phase's orders, then the earlier ones (reversed already)
+        # of the pixels still here, then R zero rows
+        older = [rw_prev[:k_lo, n_prev:]] if k_lo else []
+        rw = jnp.concatenate([w[::-1]] + older + [jnp.zeros((R, c), w.dtype)], axis=0)
+        h = jnp.pad(h, ((0, R - h.shape[0]), (0, 0)))
+        h, logc = _phase_scan(h, logc, rw, kp[s:], last[s:], k_lo, K)
+        out.append(_finish(h[:, :n], logc[:n], kp[s:s + n], K, with_ratio))
         h, logc = h[:, n:], logc[n:]
-        start, k_lo = start + n, K
-    logps = tuple(o[0] for o in out)
-    return (logps, tuple(o[1] for o in out)) if with_ratio else logps
+        k_lo, rw_prev, n_prev = K, rw, n
+    logp = jnp.concatenate([o[0] for o in out])
+    return (logp, tuple(o[1] for o in out)) if with_ratio else logp
 
 
-@jax.custom_vjp
-def _groups_logp(mus, xs, xtots, kps):
-    """log p_kp per pixel of each group (tuples over groups; xs[g]: (K_g, n_g), K_g >= 1
-    static from the shapes and ascending)."""
-    return _phased(mus, xs, xtots, kps, False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _sorted_logp(mu, xs, xtot, kp, sizes):
+    """log p_kp (n,) of pixels in plan order (arguments as `_phased`)."""
+    return _phased(mu, xs, xtot, kp, sizes, False)
 
 
-def _groups_logp_fwd(mus, xs, xtots, kps):
-    return _phased(mus, xs, xtots, kps, True)
+def _sorted_logp_fwd(mu, xs, xtot, kp, sizes):
+    return _phased(mu, xs, xtot, kp, sizes, True)
 
 
-def _groups_logp_bwd(ratios, gs):
-    d_mu = tuple(g * (r[0] - 1.0) for g, r in zip(gs, ratios))
-    d_x = tuple(g[None, :] * r for g, r in zip(gs, ratios))
-    d_xtot = tuple(-g for g in gs)
-    return d_mu, d_x, d_xtot, tuple(None for _ in gs)
+def _sorted_logp_bwd(sizes, ratios, g):
+    # ratios[h]: (K_h, n_h) = d log p / d x_m of group h's pixels; block b of xs holds
+    # the orders K_{b-1}+1..K_b of the pixels of groups b..G
+    starts = np.cumsum((0,) + sizes[:-1])
+    gs = [g[s:s + n] for s, n in zip(starts, sizes)]
+    d_mu = jnp.concatenate([gi * (r[0] - 1.0) for gi, r in zip(gs, ratios)])
+    bounds = [0] + [r.shape[0] for r in ratios]
+    d_xs = tuple(
+        jnp.concatenate([gi[None, :] * r[bounds[b]:bounds[b + 1]]
+                         for gi, r in zip(gs[b:], ratios[b:])], axis=1)
+        for b in range(len(ratios))
+    )
+    return d_mu, d_xs, -g, None
 
 
-_groups_logp.defvjp(_groups_logp_fwd, _groups_logp_bwd)
+_sorted_logp.defvjp(_sorted_logp_fwd, _sorted_logp_bwd)
+
+
+def _assemble(plan: CountPlan, mu_s, xtot_s, phase_terms) -> Float[Array, " npix"]:
+    """Per-pixel log p (pixel order) from inputs in plan order: mu_s, xtot_s (n,) and
+    phase_terms(start, k_lo, K) -> (K - k_lo, n - start), x_m (m = k_lo+1..K) of the
+    pixels from position `start` of the plan order on (orders first: the recursion's
+    layout)."""
+    kmax, sizes = plan.group_kmax, plan.group_sizes
+    z = sizes[0] if kmax and kmax[0] == 0 else 0  # count 0: log p_0 = -mu - sum_m x_m
+    parts = [-mu_s[:z] - xtot_s[:z]] if z else []
+    if len(kmax) > (1 if z else 0):
+        rec = slice(1 if z else 0, None)
+        starts = plan.group_starts[rec]
+        xs = tuple(phase_terms(s, k_lo, K)
+                   for s, k_lo, K in zip(starts, (0,) + kmax[rec][:-1], kmax[rec]))
+        parts.append(_sorted_logp(mu_s[z:], xs, xtot_s[z:], plan.sorted_counts[z:], sizes[rec]))
+    if not parts:
+        return jnp.zeros(0, jnp.float64)
+    return jnp.concatenate(parts)[plan.inverse]
 
 
 # --------------------------------------------------------------------------------------
@@ -437,7 +510,9 @@ def nptf_loglike_from_terms(
     nm = x_pix.shape[1]
     if nm < plan.k_max:
         x_pix = jnp.pad(x_pix, ((0, 0), (0, plan.k_max - nm)))
-    return _grouped(counts, mu, plan, lambda idx, K: (x_pix[idx, :K].T, x_total[idx]))
+    order = plan.order
+    x_s = x_pix[order, :plan.k_max]
+    return _assemble(plan, mu[order], x_total[order], lambda s, k_lo, K: x_s[s:, k_lo:K].T)
 
 
 _PLAN_MISMATCH = "counts do not match the CountPlan (was it built from other counts?)"
@@ -445,35 +520,12 @@ _PLAN_MISMATCH = "counts do not match the CountPlan (was it built from other cou
 
 def _plan_conditions(counts, plan: CountPlan):
     """Validation conditions: the plan's counts equal `counts` (checked now when concrete)."""
-    if not is_traced(counts, *plan.index, *plan.counts):
-        c = np.asarray(counts)
-        for idx, kp in zip(plan.index, plan.counts):
-            if not np.array_equal(c[np.asarray(idx)], np.asarray(kp)):
-                raise ValueError(_PLAN_MISMATCH)
+    if not is_traced(counts, plan.order, plan.sorted_counts):
+        if not np.array_equal(np.asarray(counts)[np.asarray(plan.order)],
+                              np.asarray(plan.sorted_counts)):
+            raise ValueError(_PLAN_MISMATCH)
         return []
-    return [(counts[idx] != kp, _PLAN_MISMATCH) for idx, kp in zip(plan.index, plan.counts)]
-
-
-def _grouped(counts, mu, plan: CountPlan, terms) -> Float[Array, " npix"]:
-    """Assemble per-pixel log p from the groups; terms(idx, K) -> (x (K, n_g), xtot (n_g,)),
-    x[m-1, i] = x_m of the group's pixel i (orders first: the recursion's layout)."""
-    out = jnp.zeros(plan.n_pixels, jnp.float64)
-    mus, xs, xtots, kps, idxs = [], [], [], [], []
-    for idx, kp, K in zip(plan.index, plan.counts, plan.group_kmax):
-        x, xtot = terms(idx, K)
-        if K == 0:  # count 0: log p_0 = -mu - sum_m x_m
-            out = out.at[idx].set(-mu[idx] - xtot)
-            continue
-        mus.append(mu[idx])
-        xs.append(x)
-        xtots.append(xtot)
-        kps.append(kp)
-        idxs.append(idx)
-    if idxs:
-        logps = _groups_logp(tuple(mus), tuple(xs), tuple(xtots), tuple(kps))
-        for idx, logp in zip(idxs, logps):
-            out = out.at[idx].set(logp)
-    return out
+    return [(counts[plan.order] != plan.sorted_counts, _PLAN_MISMATCH)]
 
 
 # --------------------------------------------------------------------------------------
@@ -582,19 +634,19 @@ def nptf_loglike(
          "SCF total sum_m x_m is negative or not finite (check the SCF parameters)"),
     ] + _plan_conditions(counts, plan))
 
-    n_region = ratios.shape[0]
+    # template of each population in each region, zero outside it, in plan order:
+    # (npop, nregion, npix), so that the orders a phase adds are one matrix product over
+    # (population, region) in the recursion's layout (orders first), not a per-pixel
+    # gather and a transpose (and in the gradient a scatter-add)
+    order = plan.order
+    in_region = region[order][None, :] == jnp.arange(ratios.shape[0])[:, None]
+    TR = jnp.where(in_region[None], ps_templates[:, None, order], 0.0)
+    xtot_s = jnp.einsum("pr,pri->i", Xtot, TR)
 
-    def terms(idx, K):
-        # template of each population in each region, zero outside it: (npop, nregion, n_g),
-        # so that x is one matrix product over (population, region) in the recursion's
-        # layout (orders first), not a per-pixel gather and a transpose (and in the
-        # gradient a scatter-add)
-        in_region = region[idx][None, :] == jnp.arange(n_region)[:, None]
-        TR = jnp.where(in_region[None], ps_templates[:, None, idx], 0.0)
-        xtot = jnp.einsum("pr,pri->i", Xtot, TR)
-        return jnp.einsum("prm,pri->mi", X[:, :, :K], TR), xtot
+    def phase_terms(s, k_lo, K):
+        return jnp.einsum("prm,pri->mi", X[:, :, k_lo:K], TR[:, :, s:])
 
-    return _grouped(counts, mu, plan, terms)
+    return _assemble(plan, mu[order], xtot_s, phase_terms)
 
 
 # --------------------------------------------------------------------------------------
