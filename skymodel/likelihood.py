@@ -635,16 +635,18 @@ def nptf_loglike(
     ] + _plan_conditions(counts, plan))
 
     # template of each population in each region, zero outside it, in plan order:
-    # (npop, nregion, npix), so that the orders a phase adds are one matrix product over
+    # (npix, npop, nregion), so that the orders a phase adds are one matrix product over
     # (population, region) in the recursion's layout (orders first), not a per-pixel
-    # gather and a transpose (and in the gradient a scatter-add)
+    # gather and a transpose (and in the gradient a scatter-add). Pixels first: the
+    # products' gradients come out in this layout, so adding the phases' contributions
+    # needs no transpose (pixels last cost +5% value+gradient run time).
     order = plan.order
-    in_region = region[order][None, :] == jnp.arange(ratios.shape[0])[:, None]
-    TR = jnp.where(in_region[None], ps_templates[:, None, order], 0.0)
-    xtot_s = jnp.einsum("pr,pri->i", Xtot, TR)
+    in_region = region[order][:, None] == jnp.arange(ratios.shape[0])[None, :]
+    TR = jnp.where(in_region[:, None, :], ps_templates.T[order][:, :, None], 0.0)
+    xtot_s = jnp.einsum("pr,ipr->i", Xtot, TR)
 
     def phase_terms(s, k_lo, K):
-        return jnp.einsum("prm,pri->mi", X[:, :, k_lo:K], TR[:, :, s:])
+        return jnp.einsum("prm,ipr->mi", X[:, :, k_lo:K], TR[s:])
 
     return _assemble(plan, mu[order], xtot_s, phase_terms)
 
