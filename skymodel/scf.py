@@ -115,17 +115,17 @@ def _check_concrete(A, indices, breaks):
 
 
 def _check_shapes(indices, breaks):
-    if jnp.ndim(indices) != 1 or jnp.ndim(breaks) != 1:
+    if np.ndim(indices) != 1 or np.ndim(breaks) != 1:
         raise ValueError(
-            f"indices and breaks must be 1-d, got shapes {jnp.shape(indices)} and "
-            f"{jnp.shape(breaks)}"
+            f"indices and breaks must be 1-d, got shapes {np.shape(indices)} and "
+            f"{np.shape(breaks)}"
         )
-    if jnp.shape(breaks)[0] < 1:
+    if np.shape(breaks)[0] < 1:
         raise ValueError("a broken power law needs at least one break")
-    if jnp.shape(indices)[0] != jnp.shape(breaks)[0] + 1:
+    if np.shape(indices)[0] != np.shape(breaks)[0] + 1:
         raise ValueError(
-            f"need len(indices) == len(breaks) + 1, got {jnp.shape(indices)[0]} indices "
-            f"and {jnp.shape(breaks)[0]} breaks"
+            f"need len(indices) == len(breaks) + 1, got {np.shape(indices)[0]} indices "
+            f"and {np.shape(breaks)[0]} breaks"
         )
 
 
@@ -167,8 +167,8 @@ def _prepared(A, indices, breaks, m_max: int, max_index, min_index):
     indices = _f64(indices)
     breaks = _f64(breaks)
     _check_shapes(indices, breaks)
-    if jnp.ndim(A) != 0:
-        raise ValueError(f"A must be a scalar, got shape {jnp.shape(A)}")
+    if np.ndim(A) != 0:
+        raise ValueError(f"A must be a scalar, got shape {np.shape(A)}")
     if not is_traced(A, indices, breaks):
         _check_concrete(A, indices, breaks)
     K = _direct_orders(indices, m_max, max_index)
@@ -204,10 +204,10 @@ def _prepared_psf(f, weights, ratios):
     f = _f64(f)
     weights = _f64(weights)
     ratios = _f64(ratios)
-    if jnp.ndim(f) != 1 or jnp.shape(f) != jnp.shape(weights) or jnp.shape(f)[0] < 1:
+    if np.ndim(f) != 1 or np.shape(f) != np.shape(weights) or np.shape(f)[0] < 1:
         raise ValueError(
             f"PSF table f and weights must be 1-d of equal, nonzero length, got shapes "
-            f"{jnp.shape(f)} and {jnp.shape(weights)}"
+            f"{np.shape(f)} and {np.shape(weights)}"
         )
     if not is_traced(f, weights, ratios):
         if not (np.all(np.asarray(f) > 0) and np.all(np.isfinite(np.asarray(f)))):
@@ -253,8 +253,8 @@ def generating_terms(
     """
     m_max = _checked_m_max(m_max)
     A, indices, breaks, K, L = _prepared(A, indices, breaks, m_max, max_index, min_index)
-    if jnp.ndim(ratio) != 0:
-        raise ValueError(f"ratio must be a scalar, got shape {jnp.shape(ratio)}")
+    if np.ndim(ratio) != 0:
+        raise ValueError(f"ratio must be a scalar, got shape {np.shape(ratio)}")
     f, weights, ratios = _prepared_psf(f, weights, jnp.reshape(_f64(ratio), (1,)))
     x, x_total = _generating_terms(A[None], (indices,), (breaks,), f, weights, ratios, m_max, K, L)
     return x[0, 0], x_total[0, 0]
@@ -288,8 +288,8 @@ def population_terms(
     A = jnp.stack([p[0] for p in prepared])
     K = max(p[3] for p in prepared)
     L = max(p[4] for p in prepared)
-    if jnp.ndim(ratios) != 1:
-        raise ValueError(f"ratios must be 1-d (nreg,), got shape {jnp.shape(ratios)}")
+    if np.ndim(ratios) != 1:
+        raise ValueError(f"ratios must be 1-d (nreg,), got shape {np.shape(ratios)}")
     f, weights, ratios = _prepared_psf(f, weights, ratios)
     return _generating_terms(
         A, tuple(p[1] for p in prepared), tuple(p[2] for p in prepared), f, weights, ratios,
@@ -635,8 +635,8 @@ class BrokenPowerLaw(eqx.Module):
         self.min_index = None if min_index is None else float(min_index)
 
     def __check_init__(self):
-        if jnp.ndim(self.A) != 0:
-            raise ValueError(f"A must be a scalar, got shape {jnp.shape(self.A)}")
+        if np.ndim(self.A) != 0:
+            raise ValueError(f"A must be a scalar, got shape {np.shape(self.A)}")
         _check_shapes(self.indices, self.breaks)
         if not is_traced(self.A, self.indices, self.breaks):
             _check_concrete(self.A, self.indices, self.breaks)
