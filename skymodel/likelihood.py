@@ -153,7 +153,7 @@ class CountPlan(eqx.Module):
     @property
     def group_starts(self) -> tuple[int, ...]:
         """Position of each group's first pixel in `order` (static)."""
-        return tuple(int(s) for s in np.cumsum((0,) + self.group_sizes[:-1]))
+        return _starts(self.group_sizes)
 
     @property
     def index(self) -> tuple[Int[Array, " _"], ...]:
@@ -177,6 +177,11 @@ class CountPlan(eqx.Module):
         return int(sum(
             _phase_work(sum(n[g:]), K, k_prev[g]) for g, K in enumerate(self.group_kmax)
         ))
+
+
+def _starts(sizes) -> tuple[int, ...]:
+    """Where each of consecutive blocks of the given sizes begins: (0, s_0, s_0 + s_1, ...)."""
+    return tuple(int(s) for s in np.cumsum((0,) + tuple(sizes[:-1])))
 
 
 def _phase_work(n_pixels, K: int, k_prev):
@@ -374,11 +379,11 @@ def _phased(mu, xs, xtot, kp, sizes: tuple[int, ...], with_ratio: bool):
     and leaves (the first n_g columns). A pixel costs about kp^2 history updates, there are
     only K_G sequential steps in all, and each order's weight is computed once.
     """
-    starts = np.cumsum((0,) + sizes[:-1])
+    starts = _starts(sizes)
     n_all = mu.shape[0]
     k_lo, ws = 0, []
-    for x in xs:
-        ws.append(_weights(mu[n_all - x.shape[1]:], x, k_lo))
+    for x, s in zip(xs, starts):
+        ws.append(_weights(mu[s:], x, k_lo))
         k_lo += x.shape[0]
     # largest lag with a non-zero weight, per pixel, over the pixel's whole recursion (the
     # blocks of the phases it takes part in)
@@ -421,8 +426,7 @@ def _sorted_logp_fwd(mu, xs, xtot, kp, sizes):
 def _sorted_logp_bwd(sizes, ratios, g):
     # ratios[h]: (K_h, n_h) = d log p / d x_m of group h's pixels; block b of xs holds
     # the orders K_{b-1}+1..K_b of the pixels of groups b..G
-    starts = np.cumsum((0,) + sizes[:-1])
-    gs = [g[s:s + n] for s, n in zip(starts, sizes)]
+    gs = [g[s:s + n] for s, n in zip(_starts(sizes), sizes)]
     d_mu = jnp.concatenate([gi * (r[0] - 1.0) for gi, r in zip(gs, ratios)])
     bounds = [0] + [r.shape[0] for r in ratios]
     d_xs = tuple(
@@ -444,8 +448,8 @@ def _assemble(plan: CountPlan, mu_s, xtot_s, phase_terms) -> Float[Array, " npix
     kmax, sizes = plan.group_kmax, plan.group_sizes
     z = sizes[0] if kmax and kmax[0] == 0 else 0  # count 0: log p_0 = -mu - sum_m x_m
     parts = [-mu_s[:z] - xtot_s[:z]] if z else []
-    if len(kmax) > (1 if z else 0):
-        rec = slice(1 if z else 0, None)
+    rec = slice(1 if z else 0, None)  # the groups with a recursion
+    if kmax[rec]:
         starts = plan.group_starts[rec]
         xs = tuple(phase_terms(s, k_lo, K)
                    for s, k_lo, K in zip(starts, (0,) + kmax[rec][:-1], kmax[rec]))
